@@ -458,7 +458,8 @@ class LanguageModel:
     model: object  # a peft model: the base model with the run's LoRA adapter
     tokenizer: object
     device: str
-    newline_ids: object  # tensor of token ids whose text contains a newline
+    newline_ids: frozenset  # token ids whose text contains a newline
+    stop_ids: frozenset  # token ids that end a sequence
 
 
 def load_language_model(cfg: Config) -> LanguageModel:
@@ -488,8 +489,10 @@ def load_language_model(cfg: Config) -> LanguageModel:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    newline_ids = torch.tensor([i for i, piece in enumerate(pieces) if "\n" in piece], device=device)
-    return LanguageModel(model, tokenizer, device, newline_ids)
+    newline_ids = frozenset(i for i, piece in enumerate(pieces) if "\n" in piece)
+    eos = model.generation_config.eos_token_id
+    stop_ids = frozenset([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) - {None}
+    return LanguageModel(model, tokenizer, device, newline_ids, stop_ids)
 
 
 def describe_model(lm: LanguageModel, cfg: Config) -> str:
@@ -506,61 +509,92 @@ def describe_model(lm: LanguageModel, cfg: Config) -> str:
 
 @dataclass
 class Generated:
-    texts: list[str]
-    tokens: int  # new tokens up to each sequence's stop, summed
+    texts: list[str]  # one per (request, copy), copies of a request adjacent
+    tokens: int  # tokens generated, stop tokens included
     seconds: float
 
 
-def generate(lm: LanguageModel, requests: list[str], *, temperature: float, max_new_tokens: int,
+def pick_tokens(logits, temperature: float, generator, top_k: int = 50):
+    """Greedy at temperature 0; otherwise top-k sampling at the temperature."""
+    import torch
+    if temperature == 0:
+        return logits.argmax(-1)
+    top = torch.topk(logits / temperature, min(top_k, logits.shape[-1]))
+    choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+    return top.indices.gather(-1, choice).squeeze(-1)
+
+
+def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
+                 max_new_tokens: int, stop_at_line: bool, generator) -> tuple[list[list[int]], int]:
+    """Continue left-padded prompts with a KV cache. Each prompt is prefilled once and its cache
+    copied for its `copies` samples; a row leaves the batch as soon as it stops (EOS, or its first
+    line complete), so finished rows cost nothing. Returns new tokens per row and tokens generated."""
+    import torch
+    model, tok, device = lm.model, lm.tokenizer, lm.device
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    if copies > 1:
+        cache.batch_repeat_interleave(copies)
+        logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+    rows = list(range(logits.shape[0]))  # the output row of each active batch slot
+    new_tokens = [[] for _ in rows]
+    generated = 0
+    for step in range(max_new_tokens):
+        chosen = pick_tokens(logits, temperature, generator)
+        generated += len(rows)
+        keep = []
+        for slot, token in enumerate(chosen.tolist()):
+            row = rows[slot]
+            if token in lm.stop_ids:
+                continue
+            new_tokens[row].append(token)
+            if stop_at_line and token in lm.newline_ids and first_line_complete(
+                    tok.decode(new_tokens[row], skip_special_tokens=True)):
+                continue
+            keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, chosen = mask[index], chosen[index]
+            rows = [rows[slot] for slot in keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    return new_tokens, generated
+
+
+def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, temperature: float, max_new_tokens: int,
              stop_at_line: bool, batch_size: int, seed: int, desc: str) -> Generated:
-    """Batched generation with left padding, prompts sorted by length. A row stops at EOS or,
-    with stop_at_line, once its first non-fence line is complete. temperature 0 means greedy."""
+    """All requests of a stage, batched: prompts in the model's chat format, sorted by length,
+    about `batch_size` sequences per batch. temperature 0 means greedy."""
     import torch
     from tqdm import tqdm
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    tok = lm.tokenizer
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    prompts = [chat_prompt(tok, r) for r in requests]
-    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    texts, total_tokens = [None] * len(prompts), 0
-    stop_ids = {tok.eos_token_id, tok.pad_token_id}
-
-    class FirstLineStop(StoppingCriteria):
-        def __init__(self, prompt_len):
-            self.prompt_len, self.done = prompt_len, None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.done is None:
-                self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            # Decode only rows that just produced a newline: the rest cannot have finished a line.
-            for row in torch.nonzero(torch.isin(input_ids[:, -1], lm.newline_ids) & ~self.done).flatten().tolist():
-                if first_line_complete(tok.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)):
-                    self.done[row] = True
-            return self.done.clone()
-
+    tok = lm.tokenizer
+    encoded = [tok(chat_prompt(tok, r), add_special_tokens=False)["input_ids"] for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+    per_batch = max(1, batch_size // copies)
+    generator = torch.Generator(device=lm.device).manual_seed(seed)
+    texts, total = [""] * (len(requests) * copies), 0
     lm.model.eval()
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
-        batch = tok.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(lm.device)
-        prompt_len = batch["input_ids"].shape[1]
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 50, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-        with torch.inference_mode():
-            out = lm.model.generate(
-                **batch, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([FirstLineStop(prompt_len)] if stop_at_line else []),
-                **sampling)
-        for row, i in enumerate(chunk):
-            new = out[row, prompt_len:].tolist()
-            length = next((k + 1 for k, t in enumerate(new) if t in stop_ids), len(new))
-            total_tokens += length
-            texts[i] = tok.decode(new[:length], skip_special_tokens=True)
-        bar.update(len(chunk))
-    bar.close()
-    return Generated(texts, total_tokens, time.perf_counter() - start)
+    with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="seq", leave=False, disable=None) as bar:
+        for first in range(0, len(order), per_batch):
+            chunk = order[first:first + per_batch]
+            new_tokens, generated = decode_batch(lm, [encoded[i] for i in chunk], copies=copies,
+                                                 temperature=temperature, max_new_tokens=max_new_tokens,
+                                                 stop_at_line=stop_at_line, generator=generator)
+            total += generated
+            for k, tokens in enumerate(new_tokens):
+                texts[chunk[k // copies] * copies + k % copies] = tok.decode(tokens, skip_special_tokens=True)
+            bar.update(len(new_tokens))
+    return Generated(texts, total, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +634,7 @@ def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, co
     """Generate `copies` commands per task, reconstruct each task from its command, score the
     reconstruction. Unusable outputs score 0 and stay in the records."""
     task_list = [t for t in tasks for _ in range(copies)]
-    gen = generate(lm, [command_request(t) for t in task_list], temperature=0 if greedy else cfg.temperature,
+    gen = generate(lm, [command_request(t) for t in tasks], copies=copies, temperature=0 if greedy else cfg.temperature,
                    max_new_tokens=cfg.max_command_tokens, stop_at_line=True, batch_size=cfg.gen_batch_size,
                    seed=stage_seed(seed, "generate"), desc=f"{label}: generate")
     commands = [extract_command(text) for text in gen.texts]
