@@ -1,0 +1,41 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the model hub
+
+import intrinsic_self_improvement as isi  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and the embedded model's tokenizer: stands in for a
+    hub model given by path (chat template, pad = EOS, no hub access)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_args(model_dir, output, *extra) -> list[str]:
+    """A run of seconds: few tasks, short caps, lexical scorer, threshold 0 so every cycle trains."""
+    return ["--model", str(model_dir), "--output", str(output), "--tasks", "3", "--candidates", "2",
+            "--probe-tasks", "2", "--max-command-tokens", "6", "--max-inversion-tokens", "6",
+            "--scorer", "lexical", "--threshold", "0", "--batch-size", "2", *extra]
+
+
+def read_progress(run_dir: Path) -> dict:
+    return json.loads((run_dir / "progress.json").read_text())

@@ -1,0 +1,98 @@
+"""The CLI: --help, and bad input answered in one line with exit code 2 before any model loads."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+import intrinsic_self_improvement as isi
+
+SCRIPT = str(ROOT / "intrinsic_self_improvement.py")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_help_documents_every_flag():
+    result = cli("--help")
+    assert result.returncode == 0
+    for f in isi.dataclasses.fields(isi.Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cycles", "0"], "--cycles must be positive"),
+    (["--tasks", "-3"], "--tasks must be positive"),
+    (["--candidates", "0"], "--candidates must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--threshold", "1.5"], r"--threshold must be in \[0, 1\]"),
+    (["--threshold", "-0.1"], r"--threshold must be in \[0, 1\]"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--temperature", "nan"], "--temperature must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--probe-tasks", "-1"], "--probe-tasks must be zero or positive"),
+    (["--tasks-file", "/no/such/file.json"], "no such file"),
+    (["--quantize", "4bit", "--device", "cpu"], "needs CUDA"),
+])
+def test_bad_values_are_one_line_errors(args, message, tmp_path):
+    start = time.perf_counter()
+    result = cli(*args, "--output", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert pytest.importorskip("re").search(message, lines[0])
+    assert time.perf_counter() - start < 30  # refused before any model loads
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args", [["--scorer", "nope"], ["--unknown-flag"], ["--cycles", "x"], ["--cyc", "3"]])
+def test_unknown_or_malformed_flags_are_refused(args):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert "error:" in result.stderr
+
+
+def test_malformed_tasks_file_names_the_problem(tmp_path):
+    bad = tmp_path / "tasks.json"
+    bad.write_text(json.dumps({"templates": [{"task": "Scan {target}"}]}))
+    result = cli("--tasks-file", str(bad), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "templates[0] uses slot {target}, which is not in 'slots'" in result.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    result = cli("--tasks-file", str(broken), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    result = cli("--resume", "--output", str(tmp_path))
+    assert result.returncode == 2
+    assert "no run to resume" in result.stderr
+
+
+def test_existing_run_is_never_overwritten_and_resume_checks_the_experiment(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    config = isi.experiment_settings(isi.parse_config([]))
+    progress = {"last_completed_cycle": 1, "timestamp": "t", "history": {"cycles": [], "config": config}}
+    (run_dir / "progress.json").write_text(json.dumps(progress))
+    before = (run_dir / "progress.json").read_text()
+
+    result = cli("--output", str(tmp_path), "--name", "r")
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+
+    result = cli("--output", str(tmp_path), "--name", "r", "--resume", "--threshold", "0.6")
+    assert result.returncode == 2
+    assert "threshold=0.5" in result.stderr and "0.6" in result.stderr
+
+    result = cli("--output", str(tmp_path), "--name", "r", "--resume", "--scorer", "lexical")
+    assert result.returncode == 2 and "scorer='embed'" in result.stderr
+
+    result = cli("--output", str(tmp_path), "--name", "r", "--resume", "--cycles", "1")
+    assert result.returncode == 0 and "nothing to do" in result.stdout
+    assert (run_dir / "progress.json").read_text() == before

@@ -1,0 +1,127 @@
+"""End-to-end runs: a tiny random model from a config (seconds), resume equivalence, the
+embedded default (one short run), and the batched decoder against transformers' generate."""
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import read_progress, tiny_args
+
+import intrinsic_self_improvement as isi
+
+PUBLISHED_BATCH_KEYS = {"total_generated", "accepted", "acceptance_rate", "mean_score"}
+
+
+def figures(progress: dict) -> list:
+    """Everything a run measured, less wall-clock timings."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()
+                    if k not in {"timing", "seconds", "train_s", "train_tokens_per_s"}}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return strip(progress["history"])
+
+
+def test_tiny_run_writes_the_run_directory(tiny_model_dir, tmp_path):
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "tiny")) == 0
+    run_dir = tmp_path / "tiny"
+    progress = read_progress(run_dir)
+    assert progress["last_completed_cycle"] == 2 and progress["timestamp"]
+    history = progress["history"]
+    assert [c["cycle"] for c in history["cycles"]] == [1, 2]
+    for cycle in history["cycles"]:
+        assert PUBLISHED_BATCH_KEYS <= set(cycle["before"]) and PUBLISHED_BATCH_KEYS <= set(cycle["after"])
+        assert cycle["before"]["total_generated"] == 3 * 2
+        assert cycle["improvement"] == pytest.approx(cycle["after"]["mean_score"] - cycle["before"]["mean_score"], abs=1e-4)
+        assert cycle["probe"]["total_generated"] == 2
+        assert cycle["training"]["pairs"] == 6 and cycle["training"]["steps"] == 3  # threshold 0 keeps all
+        assert cycle["training"]["loss_first"] > 0
+    assert history["total_generated"] == 12
+    assert history["total_accepted"] == 12
+    assert history["config"]["model"] == str(tiny_model_dir)
+    # the after-batch of cycle 1 is the batch cycle 2 trains on
+    assert history["cycles"][0]["after"] == history["cycles"][1]["before"]
+    examples = [json.loads(line) for line in (run_dir / "examples_cycle_2.jsonl").read_text().splitlines()]
+    assert {e["stage"] for e in examples} == {"before", "after", "probe"}
+    assert {"task", "command", "reconstruction", "score", "accepted"} <= set(examples[0])
+    assert (run_dir / "self_improvement_results.json").exists()
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def test_checkpoint_is_a_peft_adapter(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "p")) == 0
+    checkpoint = tmp_path / "p" / "checkpoint_cycle_1"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), checkpoint)
+    trained = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert trained and any(p.abs().sum() > 0 for p in trained)  # lora_B starts at zero: it was trained
+
+
+def test_resume_gives_the_same_figures_as_a_straight_run(tiny_model_dir, tmp_path):
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "4", "--name", "straight")) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "split")) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "4", "--name", "split", "--resume")) == 0
+    straight, split = read_progress(tmp_path / "straight"), read_progress(tmp_path / "split")
+    assert split["last_completed_cycle"] == 4
+    assert figures(split) == figures(straight)
+    assert any(c["training"]["loss_last"] != straight["history"]["cycles"][0]["training"]["loss_last"]
+               for c in straight["history"]["cycles"][1:])  # the figures are not trivially constant
+
+
+def test_mix_scorer_counts_rating_failures(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "mix")
+    args[args.index("lexical")] = "mix"
+    assert isi.main(args) == 0
+    before = read_progress(tmp_path / "mix")["history"]["cycles"][0]["before"]
+    # a random model rarely writes a number 0..10: failures are counted, not hidden
+    scored = before["total_generated"] - before["unusable_commands"]
+    assert 0 <= before["rating_parse_failures"] <= scored
+    records = [json.loads(line) for line in (tmp_path / "mix" / "examples_cycle_1.jsonl").read_text().splitlines()]
+    assert all("rating" in r for r in records)
+
+
+def test_tasks_file_domain(tiny_model_dir, tmp_path):
+    tasks_file = tmp_path / "files.json"
+    tasks_file.write_text(json.dumps({"name": "files", "slots": {"dir": ["/tmp", "/var/log", "/etc"]},
+                                      "templates": [{"task": "List the files in {dir}", "tool": "ls"},
+                                                    {"task": "Count the lines of every file in {dir}"}]}))
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--tasks-file", str(tasks_file)) + []) == 0
+    run_dir = tmp_path / f"{tiny_model_dir.name}_files_seed0"
+    records = [json.loads(line) for line in (run_dir / "examples_cycle_1.jsonl").read_text().splitlines()]
+    assert {r["task"].split(" in ")[0] for r in records} <= {"List the files", "Count the lines of every file"}
+
+
+def load_tiny(tiny_model_dir):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir)])
+    return isi.load_language_model(cfg)
+
+
+def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
+    """Greedy continuations from the project's decoder equal transformers' own generate on the
+    same left-padded batch, and each prompt's copies share its prefill exactly."""
+    lm = load_tiny(tiny_model_dir)
+    tok = lm.tokenizer
+    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True)
+    prompts = [tok(isi.chat_prompt(tok, isi.command_request(t)), add_special_tokens=False)["input_ids"] for t in tasks]
+    ours, generated = isi.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
+                                       stop_at_line=False, generator=None)
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.inference_mode():
+        theirs = lm.model.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+    theirs = theirs[:, batch["input_ids"].shape[1]:].tolist()
+    assert [ours[2 * i] for i in range(5)] == theirs
+    assert [ours[2 * i + 1] for i in range(5)] == theirs
+    assert generated == 10 * 7
+
+
+def test_sampling_is_seeded(tiny_model_dir):
+    lm = load_tiny(tiny_model_dir)
+    requests = ["Task: list files\nWrite only the ls command.", "Task: count lines\nWrite only the wc command."]
+    runs = [isi.generate(lm, requests, copies=3, temperature=0.7, max_new_tokens=6, stop_at_line=True,
+                         batch_size=4, seed=s, desc="t").texts for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert len(runs[0]) == 6
