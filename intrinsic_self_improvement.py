@@ -19,6 +19,7 @@ The intrinsic score measures agreement of the model with itself; it is not a mea
 correctness. See README.md for what it does and does not show.
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -54,7 +55,7 @@ class Config:
     invert_temperature: float = field(default=0.3, metadata={"help": "sampling temperature for reconstructing the task"})
     model: str = field(default=EMBEDDED_MODEL, metadata={"help": "'embedded' (SmolLM2-135M-Instruct, offline) or a hub id or local path"})
     output: str = field(default="./output/extended_run", metadata={"help": "parent folder of run directories"})
-    name: str | None = field(default=None, metadata={"help": "run directory name (default: model, domain and seed; not the cycle count)"})
+    name: str | None = field(default=None, metadata={"help": "run directory name; None means model_domain_seedN (never the cycle count)"})
     lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate (linear decay over each cycle's epoch)"})
     batch_size: int = field(default=4, metadata={"help": "training batch size"})
     seed: int = field(default=0, metadata={"help": "seed for task draws, sampling and training"})
@@ -65,13 +66,17 @@ class Config:
     domain: str = field(default="pentest", metadata={"help": "built-in task domain", "choices": ["pentest"]})
     tasks_file: str | None = field(default=None, metadata={"help": "JSON file with your own task domain (format in README.md); replaces --domain"})
     probe_tasks: int = field(default=20, metadata={"help": "fixed probe tasks, drawn once, never trained on, scored greedily every cycle"})
+    select: str = field(default="threshold", metadata={"help": "threshold: train on accepted candidates (published); all: on every candidate; random: on a random subset of the size threshold would keep", "choices": ["threshold", "all", "random"]})
+    data: str = field(default="cycle", metadata={"help": "cycle: train on this cycle's selection (published); cumulative: on every selection so far", "choices": ["cycle", "cumulative"]})
+    judge: str = field(default="self", metadata={"help": "self: the trained model inverts and rates (published); frozen: the base model, adapter disabled", "choices": ["self", "frozen"]})
+    task_source: str = field(default="templates", metadata={"help": "templates: tasks from the domain's templates; model: the model writes its own tasks, few-shot from them", "choices": ["templates", "model"]})
     embedder: str = field(default=EMBEDDED_EMBEDDER, metadata={"help": "sentence-transformers model for --scorer embed: 'embedded' or a path"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     max_command_tokens: int = field(default=48, metadata={"help": "cap on new tokens for a command (generation also stops at its first line)"})
     max_inversion_tokens: int = field(default=40, metadata={"help": "cap on new tokens for a reconstructed task"})
-    gen_batch_size: int = field(default=160, metadata={"help": "prompts per batched generate call"})
+    gen_batch_size: int = field(default=160, metadata={"help": "sequences per batch in generation (a prompt's candidates share one prefill)"})
 
 
 RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name"}  # may differ between a run and its resume
@@ -524,18 +529,35 @@ def pick_tokens(logits, temperature: float, generator, top_k: int = 50):
     return top.indices.gather(-1, choice).squeeze(-1)
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest prefix common to all sequences."""
+    first = sequences[0]
+    for k, token in enumerate(first):
+        if any(len(seq) <= k or seq[k] != token for seq in sequences[1:]):
+            return k
+    return len(first)
+
+
 def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
                  max_new_tokens: int, stop_at_line: bool, generator) -> tuple[list[list[int]], int]:
-    """Continue left-padded prompts with a KV cache. Each prompt is prefilled once and its cache
-    copied for its `copies` samples; a row leaves the batch as soon as it stops (EOS, or its first
-    line complete), so finished rows cost nothing. Returns new tokens per row and tokens generated."""
+    """Continue prompts with a KV cache. The prefix all prompts share (chat header, instruction)
+    is prefilled once; the rest of each prompt is left-padded after it, and prefilled once for its
+    `copies` samples; a row leaves the batch as soon as it stops (EOS, or its first line
+    complete), so finished rows cost nothing. Returns new tokens per row and tokens generated."""
     import torch
     model, tok, device = lm.model, lm.tokenizer, lm.device
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+    shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)  # every row keeps a token
+    cache = None
+    if shared > 0:
+        cache = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+    suffixes = [p[shared:] for p in prompts]
+    width = max(map(len, suffixes))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in suffixes], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in suffixes], device=device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache, logits = out.past_key_values, out.logits[:, -1].float()
     if copies > 1:
         cache.batch_repeat_interleave(copies)
@@ -624,64 +646,102 @@ class Stage:
     records: list[dict]
     timing: dict
 
-    @property
-    def scores(self) -> list[float]:
-        return [r["score"] for r in self.records]
+
+def write_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copies: int, greedy: bool,
+                   seed: int, label: str) -> Stage:
+    """GENERATE: `copies` commands per task (adjacent in the records)."""
+    gen = generate(lm, [command_request(t) for t in tasks], copies=copies, temperature=0 if greedy else cfg.temperature,
+                   max_new_tokens=cfg.max_command_tokens, stop_at_line=True, batch_size=cfg.gen_batch_size,
+                   seed=stage_seed(seed, "generate"), desc=f"{label}: generate")
+    records = []
+    for i, text in enumerate(gen.texts):
+        task, command = tasks[i // copies], extract_command(text)
+        records.append({"task": task.text, "tool": task.tool, "output": text, "command": command,
+                        "usable": is_usable_command(command)})
+    return Stage(records, {"generate_s": round(gen.seconds, 3), "generate_tokens": gen.tokens})
+
+
+def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *, frozen: bool,
+                   greedy: bool, seed: int, label: str) -> Stage:
+    """INVERT and SCORE. With `frozen`, the base model (adapter disabled) reconstructs and rates,
+    so the judge cannot drift with the model it judges. Unusable commands score 0."""
+    usable = [i for i, r in enumerate(records) if r["usable"]]
+    with lm.model.disable_adapter() if frozen else contextlib.nullcontext():
+        inv = generate(lm, [inversion_request(records[i]["command"]) for i in usable],
+                       temperature=0 if greedy else cfg.invert_temperature, max_new_tokens=cfg.max_inversion_tokens,
+                       stop_at_line=True, batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "invert"),
+                       desc=f"{label}: invert")
+        reconstructions = [""] * len(records)
+        for i, text in zip(usable, inv.texts):
+            reconstructions[i] = extract_reconstruction(text)
+        scored = [i for i in usable if reconstructions[i]]
+        originals = [records[i]["task"] for i in scored]
+        recons = [reconstructions[i] for i in scored]
+
+        start = time.perf_counter()
+        ratings, rating_tokens = [None] * len(records), 0
+        if cfg.scorer == "embed":
+            values = embedding_scores(embedder, originals, recons)
+        elif cfg.scorer == "lexical":
+            values = [lexical_score(o, r) for o, r in zip(originals, recons)]
+        else:
+            rated = generate(lm, [rating_request(o, r) for o, r in zip(originals, recons)], temperature=0,
+                             max_new_tokens=5, stop_at_line=True, batch_size=cfg.gen_batch_size,
+                             seed=stage_seed(seed, "rate"), desc=f"{label}: rate")
+            rating_tokens = rated.tokens
+            for i, text in zip(scored, rated.texts):
+                ratings[i] = parse_rating(text)
+            values = [mix_score(o, r, ratings[i]) for o, r, i in zip(originals, recons, scored)]
+        score_seconds = time.perf_counter() - start
+    scores = [0.0] * len(records)
+    for i, value in zip(scored, values):
+        scores[i] = value
+    judged = []
+    for i, record in enumerate(records):
+        extra = {"reconstruction": reconstructions[i], "score": round(scores[i], 6), "accepted": scores[i] >= cfg.threshold}
+        if cfg.scorer == "mix":
+            extra["rating"] = ratings[i]
+        judged.append(record | extra)
+    return Stage(judged, {"invert_s": round(inv.seconds, 3), "invert_tokens": inv.tokens,
+                          "score_s": round(score_seconds, 3), "rating_tokens": rating_tokens})
 
 
 def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, copies: int,
               greedy: bool, seed: int, label: str) -> Stage:
-    """Generate `copies` commands per task, reconstruct each task from its command, score the
-    reconstruction. Unusable outputs score 0 and stay in the records."""
-    task_list = [t for t in tasks for _ in range(copies)]
-    gen = generate(lm, [command_request(t) for t in tasks], copies=copies, temperature=0 if greedy else cfg.temperature,
-                   max_new_tokens=cfg.max_command_tokens, stop_at_line=True, batch_size=cfg.gen_batch_size,
-                   seed=stage_seed(seed, "generate"), desc=f"{label}: generate")
-    commands = [extract_command(text) for text in gen.texts]
-    usable = [i for i, c in enumerate(commands) if is_usable_command(c)]
-    inv = generate(lm, [inversion_request(commands[i]) for i in usable],
-                   temperature=0 if greedy else cfg.invert_temperature, max_new_tokens=cfg.max_inversion_tokens,
-                   stop_at_line=True, batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "invert"),
-                   desc=f"{label}: invert")
-    reconstructions = [""] * len(task_list)
-    for i, text in zip(usable, inv.texts):
-        reconstructions[i] = extract_reconstruction(text)
-    scored = [i for i in usable if reconstructions[i]]
-    originals = [task_list[i].text for i in scored]
-    recons = [reconstructions[i] for i in scored]
+    """GENERATE, INVERT, SCORE over a batch of tasks, with the run's judge."""
+    written = write_commands(lm, cfg, tasks, copies=copies, greedy=greedy, seed=seed, label=label)
+    judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen", greedy=greedy,
+                            seed=seed, label=label)
+    return Stage(judged.records, written.timing | judged.timing)
 
-    start = time.perf_counter()
-    ratings = [None] * len(task_list)
-    rating_tokens = 0
-    if cfg.scorer == "embed":
-        values = embedding_scores(embedder, originals, recons)
-    elif cfg.scorer == "lexical":
-        values = [lexical_score(o, r) for o, r in zip(originals, recons)]
-    else:
-        rated = generate(lm, [rating_request(o, r) for o, r in zip(originals, recons)], temperature=0,
-                         max_new_tokens=5, stop_at_line=True, batch_size=cfg.gen_batch_size,
-                         seed=stage_seed(seed, "rate"), desc=f"{label}: rate")
-        rating_tokens = rated.tokens
-        for i, text in zip(scored, rated.texts):
-            ratings[i] = parse_rating(text)
-        values = [mix_score(o, r, ratings[i]) for o, r, i in zip(originals, recons, scored)]
-    scores = [0.0] * len(task_list)
-    for i, value in zip(scored, values):
-        scores[i] = value
-    score_seconds = time.perf_counter() - start
 
-    records, usable_set = [], set(usable)
-    for i, task in enumerate(task_list):
-        record = {"task": task.text, "tool": task.tool, "output": gen.texts[i], "command": commands[i],
-                  "usable": i in usable_set, "reconstruction": reconstructions[i], "score": round(scores[i], 6),
-                  "accepted": scores[i] >= cfg.threshold}
-        if cfg.scorer == "mix":
-            record["rating"] = ratings[i]
-        records.append(record)
-    timing = {"generate_s": round(gen.seconds, 3), "generate_tokens": gen.tokens,
-              "invert_s": round(inv.seconds, 3), "invert_tokens": inv.tokens,
-              "score_s": round(score_seconds, 3), "rating_tokens": rating_tokens}
-    return Stage(records, timing)
+def distinct_n(token_lists: list[list[str]], n: int) -> float:
+    """Unique n-grams / all n-grams over a set of commands (0 when there are none)."""
+    grams = [tuple(tokens[k:k + n]) for tokens in token_lists for k in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def copy_rate(task: str, command: str) -> float:
+    """Share of a command's tokens that appear verbatim in its task: a copied IP or port makes
+    reconstruction easy whatever the flags around it are."""
+    task_tokens = {t.strip(".,;:!?\"'()").lower() for t in task.split()}
+    tokens = command.split()
+    return sum(t.lower() in task_tokens for t in tokens) / len(tokens) if tokens else 0.0
+
+
+def generation_health(records: list[dict]) -> dict:
+    """Collapse measures over the usable commands of a batch."""
+    usable = [r for r in records if r["usable"]]
+    tokens = [r["command"].split() for r in usable]
+    by_task = {}
+    for r in usable:
+        by_task.setdefault(r["task"], []).append(r["command"])
+    duplicates = sum(commands.count(c) > 1 for commands in by_task.values() for c in commands)
+    mean = lambda values: round(sum(values) / len(values), 4) if values else 0.0  # noqa: E731
+    return {"distinct_1": round(distinct_n(tokens, 1), 4), "distinct_2": round(distinct_n(tokens, 2), 4),
+            "duplicate_rate": round(duplicates / len(usable), 4) if usable else 0.0,
+            "copy_rate": mean([copy_rate(r["task"], r["command"]) for r in usable]),
+            "mean_command_tokens": mean([len(t) for t in tokens])}
 
 
 def summarize(records: list[dict], scorer: str) -> dict:
@@ -695,7 +755,68 @@ def summarize(records: list[dict], scorer: str) -> dict:
     if scorer == "mix":
         summary["rating_parse_failures"] = sum(r["usable"] and bool(r["reconstruction"]) and r["rating"] is None
                                                for r in records)
-    return summary
+    return summary | {"health": generation_health(records)}
+
+
+def select_for_training(records: list[dict], mode: str, rng: random.Random) -> list[int]:
+    """SELECT. threshold: the accepted candidates. all: every candidate with a command (no
+    selection). random: a random subset of those, of exactly the size threshold would keep."""
+    accepted = [i for i, r in enumerate(records) if r["accepted"]]
+    if mode == "threshold":
+        return accepted
+    candidates = [i for i, r in enumerate(records) if r["command"]]
+    if mode == "all":
+        return candidates
+    return sorted(rng.sample(candidates, min(len(accepted), len(candidates))))
+
+
+def template_patterns(domain: dict) -> list[re.Pattern]:
+    """One regex per template, slots as wildcards: recognises any task the templates can make."""
+    patterns = []
+    for template in domain["templates"]:
+        parts = SLOT_PATTERN.split(template["task"])  # literal, slot, literal, ...
+        regex = "".join(re.escape(part) if k % 2 == 0 else ".+" for k, part in enumerate(parts))
+        patterns.append(re.compile(regex + r"\.?", re.I))
+    return patterns
+
+
+def task_writing_request(tool: str | None, examples: list[str]) -> str:
+    shown = "\n".join(f"- {e}" for e in examples)
+    return (f"Here are examples of tasks for {tool or 'the shell'}:\n{shown}\n"
+            "Write one new task of the same kind, different from these. Answer with the task only.")
+
+
+def write_tasks(lm: LanguageModel, cfg: Config, domain: dict, n: int, rng: random.Random, seed: int,
+                exclude: frozenset) -> tuple[list[Task], dict]:
+    """--task-source model: the model writes its own tasks, few-shot from the domain's templates.
+    A written task is kept if it has 3 to 40 words, is new, is no probe task, and matches no
+    template, so no human-written task enters training. Returns at most n tasks."""
+    start = time.perf_counter()
+    patterns, slots = template_patterns(domain), domain.get("slots", {})
+    by_tool = {}
+    for template in domain["templates"]:
+        by_tool.setdefault(template.get("tool"), []).append(template)
+    tools = sorted(by_tool, key=str)
+    kept, seen, requested = [], {t.lower() for t in exclude}, 0
+    for attempt in range(3):
+        request_tools = [rng.choice(tools) for _ in range(2 * (n - len(kept)))]
+        requests = [task_writing_request(tool, [fill_template(rng.choice(by_tool[tool]), slots, rng).text
+                                                for _ in range(3)]) for tool in request_tools]
+        written = generate(lm, requests, temperature=cfg.temperature, max_new_tokens=cfg.max_inversion_tokens,
+                           stop_at_line=True, batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "write", attempt),
+                           desc="write tasks")
+        requested += len(requests)
+        for text, tool in zip(written.texts, request_tools):
+            task = extract_reconstruction(text).lstrip("-*• ").strip()
+            if len(kept) == n or not 3 <= len(task.split()) <= 40 or task.lower() in seen \
+                    or any(p.fullmatch(task) for p in patterns):
+                continue
+            seen.add(task.lower())
+            kept.append(Task(task, tool))
+        if len(kept) == n:
+            break
+    return kept, {"tasks_requested": requested, "tasks_kept": len(kept),
+                  "write_tasks_s": round(time.perf_counter() - start, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,26 +937,187 @@ def check_run_directory(cfg: Config, run_dir: Path) -> dict | None:
     return progress
 
 
-def save_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int, pending: Stage) -> None:
-    """Adapter (loadable with peft) plus the already-generated batch the next cycle trains on;
-    written under a temporary name and renamed once complete."""
+def save_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int, pending: Stage, pool: list[dict]) -> None:
+    """Adapter (loadable with peft), the already-generated batch the next cycle trains on, and the
+    training pool (--data cumulative); written under a temporary name and renamed once complete."""
     final = run_dir / f"checkpoint_cycle_{cycle}"
     partial = run_dir / f"checkpoint_cycle_{cycle}.tmp"
     shutil.rmtree(partial, ignore_errors=True)
     lm.model.save_pretrained(partial)
     write_jsonl(partial / "pending_batch.jsonl", pending.records)
     write_json(partial / "pending_timing.json", pending.timing)
+    write_jsonl(partial / "training_pool.jsonl", pool)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
 
 
-def load_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int) -> Stage:
+def load_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int) -> tuple[Stage, list[dict]]:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
     checkpoint = run_dir / f"checkpoint_cycle_{cycle}"
     set_peft_model_state_dict(lm.model, load_file(checkpoint / "adapter_model.safetensors", device=lm.device))
-    return Stage(read_jsonl(checkpoint / "pending_batch.jsonl"),
-                 json.loads((checkpoint / "pending_timing.json").read_text()))
+    pending = Stage(read_jsonl(checkpoint / "pending_batch.jsonl"),
+                    json.loads((checkpoint / "pending_timing.json").read_text()))
+    return pending, read_jsonl(checkpoint / "training_pool.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: the progress plot and the comparison of runs
+# ---------------------------------------------------------------------------------------------
+
+def curve(history: dict, *keys, initial: str | None = None) -> tuple[list[int], list[float]]:
+    """(cycles, values) of history.cycles[].key1.key2..., with cycle 0 from history[initial]."""
+    points = []
+    if initial and history.get(initial):
+        points.append((0, history[initial]))
+    points += [(c["cycle"], c) for c in history["cycles"]]
+    xs, ys = [], []
+    for cycle, value in points:
+        for key in keys[1:] if initial and cycle == 0 else keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            xs.append(cycle)
+            ys.append(value)
+    return xs, ys
+
+
+def plot_progress(history: dict, path: Path) -> None:
+    """progress.png: everything a user should look at, against the cycle."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
+    panels = [
+        (axes[0][0], "intrinsic score (mean)", [
+            ("before (training batch)", ("before", "mean_score"), None),
+            ("after (fresh batch)", ("after", "mean_score"), None),
+            ("probe, greedy", ("probe", "mean_score"), "probe_initial"),
+            ("probe, frozen judge", ("probe", "frozen_mean_score"), "probe_initial")]),
+        (axes[0][1], "acceptance rate", [
+            ("before", ("before", "acceptance_rate"), None), ("after", ("after", "acceptance_rate"), None),
+            ("probe", ("probe", "acceptance_rate"), "probe_initial")]),
+        (axes[0][2], "external evaluation", [
+            ("success rate", ("eval", "success_rate"), "eval_initial"),
+            ("mean reward", ("eval", "mean_reward"), "eval_initial"),
+            ("NLC2CMD score", ("eval", "nlc2cmd"), "eval_initial"),
+            ("exact match", ("eval", "exact_match"), "eval_initial")]),
+        (axes[1][0], "command-token training loss", [
+            ("first step", ("training", "loss_first"), None), ("last step", ("training", "loss_last"), None),
+            ("mean", ("training", "loss_mean"), None)]),
+        (axes[1][1], "health of the after batch", [
+            ("distinct-1", ("after", "health", "distinct_1"), None),
+            ("distinct-2", ("after", "health", "distinct_2"), None),
+            ("duplicate rate", ("after", "health", "duplicate_rate"), None),
+            ("copy rate", ("after", "health", "copy_rate"), None)]),
+        (axes[1][2], "command length and unusable outputs (after batch)", [
+            ("mean command tokens", ("after", "health", "mean_command_tokens"), None)]),
+    ]
+    for ax, title, lines in panels:
+        drawn = False
+        for label, keys, initial in lines:
+            xs, ys = curve(history, *keys, initial=initial)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label)
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("cycle")
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+    xs = [c["cycle"] for c in history["cycles"]]
+    unusable = [c["after"]["unusable_commands"] / max(1, c["after"]["total_generated"]) for c in history["cycles"]]
+    twin = axes[1][2].twinx()
+    twin.plot(xs, unusable, color="tab:red", marker="s", label="unusable share")
+    twin.set_ylim(0, 1)
+    twin.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{history['config']['model']} | {history['config']['scorer']} scorer | select "
+                 f"{history['config'].get('select', 'threshold')} | seed {history['config']['seed']}")
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_run(run_dir: str) -> dict:
+    path = Path(run_dir) / "progress.json"
+    if not path.is_file():
+        raise UsageError(f"compare: {run_dir} holds no progress.json")
+    return json.loads(path.read_text())
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
+    """A table of runs side by side, and groups of runs that differ only by seed, averaged."""
+    runs = {d: load_run(d)["history"] for d in run_dirs}
+    columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "copy N", "eval success 0->N"]
+    rows = []
+    for d, h in runs.items():
+        last = h["cycles"][-1] if h["cycles"] else {}
+        probe0, probe = h.get("probe_initial", {}).get("mean_score"), last.get("probe", {})
+        eval0, evaln = h.get("eval_initial", {}), last.get("eval") or {}
+        rows.append([Path(d).name, str(len(h["cycles"])), f"{probe0} -> {probe.get('mean_score')}",
+                     str(probe.get("frozen_mean_score")), str(last.get("after", {}).get("mean_score")),
+                     str(last.get("after", {}).get("acceptance_rate")),
+                     str(last.get("after", {}).get("health", {}).get("copy_rate")),
+                     f"{eval0.get('success_rate')} -> {evaln.get('success_rate')}" if eval0 else "-"])
+    groups = {}
+    for d, h in runs.items():
+        key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
+        groups.setdefault(key, []).append(d)
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)] + [" | ".join(r) for r in rows]
+    seeded = {key: dirs for key, dirs in groups.items() if len(dirs) > 1}
+    if seeded:
+        lines += ["", "runs that differ only by seed (mean ± std over seeds, final cycle):"]
+        for key, dirs in seeded.items():
+            config = json.loads(key)
+            finals = [runs[d]["cycles"][-1] for d in dirs if runs[d]["cycles"]]
+            name = f"select={config.get('select')} data={config.get('data')} judge={config.get('judge')} " \
+                   f"scorer={config.get('scorer')} ({len(dirs)} seeds)"
+            parts = [f"probe {spread([c['probe']['mean_score'] for c in finals])}",
+                     f"frozen probe {spread([c['probe']['frozen_mean_score'] for c in finals])}"]
+            if all(c.get("eval") for c in finals):
+                parts.append(f"eval success {spread([c['eval']['success_rate'] for c in finals])}")
+            lines.append(f"  {name}: " + ", ".join(parts))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    has_eval = any(h.get("eval_initial") for h in runs.values())
+    metrics = [("probe score", ("probe", "mean_score"), "probe_initial"),
+               ("probe score, frozen judge", ("probe", "frozen_mean_score"), "probe_initial")]
+    if has_eval:
+        metrics.append(("external success rate", ("eval", "success_rate"), "eval_initial"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), constrained_layout=True, squeeze=False)
+    for ax, (title, keys, initial) in zip(axes[0], metrics):
+        for key, dirs in groups.items():
+            config = json.loads(key)
+            label = f"{config.get('select')}/{config.get('data')}/{config.get('judge')}/{config.get('scorer')}"
+            series = [dict(zip(*curve(runs[d], *keys, initial=initial))) for d in dirs]
+            xs = sorted(set.intersection(*(set(s) for s in series)))
+            if not xs:
+                continue
+            mean = [sum(s[x] for s in series) / len(series) for x in xs]
+            line, = ax.plot(xs, mean, marker="o", label=f"{label} (n={len(dirs)})")
+            if len(series) > 1:
+                ax.fill_between(xs, [min(s[x] for s in series) for x in xs], [max(s[x] for s in series) for x in xs],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(title + (" (band: min-max over seeds)" if seeded else ""))
+        ax.set_xlabel("cycle")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot_path, dpi=80)
+    plt.close(fig)
+    return "\n".join(lines + ["", f"plot: {plot_path}"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,10 +1142,6 @@ def run(cfg: Config) -> dict:
     domain = load_domain(cfg)
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")), distinct=True)
     probe_texts = frozenset(t.text for t in probe_tasks)
-
-    def fresh_batch(index: int) -> list[Task]:
-        return draw_tasks(domain, cfg.tasks, random.Random(stage_seed(cfg.seed, "tasks", index)), exclude=probe_texts)
-
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
               f"(raise --cycles to continue)")
@@ -880,34 +1158,51 @@ def run(cfg: Config) -> dict:
     print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s", flush=True)
     print(f"run directory {run_dir}", flush=True)
 
-    def probe(cycle: int) -> dict:
+    def new_batch(index: int) -> Stage:
+        """Fresh tasks (never probe tasks), `--candidates` sampled commands each, judged."""
+        seed, rng = stage_seed(cfg.seed, "batch", index), random.Random(stage_seed(cfg.seed, "tasks", index))
+        if cfg.task_source == "model":
+            tasks, task_info = write_tasks(lm, cfg, domain, cfg.tasks, rng, seed, probe_texts)
+        else:
+            tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
+        stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
+                          label=f"batch {index}")
+        return Stage(stage.records, stage.timing | task_info)
+
+    def probe(cycle: int) -> tuple[dict, list[dict]]:
+        """The fixed probe set, greedy, judged by the run's judge and by the frozen base model."""
         if not probe_tasks:
-            return {}
-        stage = run_stage(lm, embedder, cfg, probe_tasks, copies=1, greedy=True,
-                          seed=stage_seed(cfg.seed, "probe", cycle), label="probe")
-        summary = summarize(stage.records, cfg.scorer) | {"seconds": round(sum(
-            stage.timing[k] for k in ("generate_s", "invert_s", "score_s")), 3)}
-        print(f"  probe   mean score {summary['mean_score']:.3f}, accepted {summary['accepted']}/"
-              f"{summary['total_generated']}, unusable {summary['unusable_commands']} ({summary['seconds']:.1f}s)",
-              flush=True)
-        return summary | {"records": stage.records}
+            return {}, []
+        seed = stage_seed(cfg.seed, "probe", cycle)
+        written = write_commands(lm, cfg, probe_tasks, copies=1, greedy=True, seed=seed, label="probe")
+        judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen", greedy=True,
+                                seed=seed, label="probe")
+        frozen = judged if cfg.judge == "frozen" else judge_commands(
+            lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed, label="probe, frozen judge")
+        records = [r | {"frozen_reconstruction": f["reconstruction"], "frozen_score": f["score"]}
+                   for r, f in zip(judged.records, frozen.records)]
+        frozen_summary = summarize(frozen.records, cfg.scorer)
+        seconds = sum(v for t in (written.timing, judged.timing, frozen.timing if frozen is not judged else {})
+                      for k, v in t.items() if k.endswith("_s"))
+        summary = summarize(judged.records, cfg.scorer) | {
+            "frozen_mean_score": frozen_summary["mean_score"],
+            "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
+        print(f"  probe   mean score {summary['mean_score']:.3f} (frozen judge {summary['frozen_mean_score']:.3f}), "
+              f"accepted {summary['accepted']}/{summary['total_generated']}, unusable "
+              f"{summary['unusable_commands']} ({seconds:.1f}s)", flush=True)
+        return summary, records
 
     if saved is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        history = {"cycles": [], "total_generated": 0, "total_accepted": 0,
-                   "config": experiment_settings(cfg)}
+        history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg)}
         print("cycle 0 (before any training)", flush=True)
-        initial = probe(0)
-        history["probe_initial"] = {k: v for k, v in initial.items() if k != "records"}
-        if initial:
-            write_jsonl(run_dir / "probe_cycle_0.jsonl", initial["records"])
-        pending = run_stage(lm, embedder, cfg, fresh_batch(1), copies=cfg.candidates, greedy=False,
-                            seed=stage_seed(cfg.seed, "batch", 1), label="batch 1")
-        first_cycle = 1
+        history["probe_initial"], records = probe(0)
+        write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
+        pending, pool, first_cycle = new_batch(1), [], 1
     else:
         history = saved["history"]
         first_cycle = saved["last_completed_cycle"] + 1
-        pending = load_checkpoint(lm, run_dir, first_cycle - 1)
+        pending, pool = load_checkpoint(lm, run_dir, first_cycle - 1)
         print(f"resuming {run_dir} after cycle {first_cycle - 1}", flush=True)
 
     for cycle in range(first_cycle, cfg.cycles + 1):
@@ -917,33 +1212,35 @@ def run(cfg: Config) -> dict:
         before = summarize(before_stage.records, cfg.scorer)
         log_stage("before", before_stage, before)
 
-        accepted = [(Task(r["task"], r["tool"]), r["command"]) for r in before_stage.records if r["accepted"]]
-        training = train_adapter(lm, cfg, accepted, seed=stage_seed(cfg.seed, "train", cycle))
+        chosen = select_for_training(before_stage.records, cfg.select, random.Random(stage_seed(cfg.seed, "select", cycle)))
+        selected = [{k: before_stage.records[i][k] for k in ("task", "tool", "command")} for i in chosen]
+        pool = pool + selected if cfg.data == "cumulative" else selected
+        training = {"selected": len(selected)} | train_adapter(
+            lm, cfg, [(Task(p["task"], p["tool"]), p["command"]) for p in pool], seed=stage_seed(cfg.seed, "train", cycle))
         if training["skipped"]:
-            print("  train   no accepted pairs: training skipped", flush=True)
+            print("  train   nothing selected: training skipped", flush=True)
         else:
-            print(f"  train   {training['pairs']} pairs, {training['steps']} steps, command-token loss "
-                  f"{training['loss_first']:.3f} -> {training['loss_last']:.3f} | {training['train_s']:.1f}s "
-                  f"({training['train_tokens_per_s']} tok/s)", flush=True)
+            print(f"  train   {training['pairs']} pairs ({len(selected)} selected), {training['steps']} steps, "
+                  f"command-token loss {training['loss_first']:.3f} -> {training['loss_last']:.3f} | "
+                  f"{training['train_s']:.1f}s ({training['train_tokens_per_s']} tok/s)", flush=True)
 
         # Fresh tasks scored by the trained model: this cycle's "after", and next cycle's training batch.
-        after_stage = run_stage(lm, embedder, cfg, fresh_batch(cycle + 1), copies=cfg.candidates, greedy=False,
-                                seed=stage_seed(cfg.seed, "batch", cycle + 1), label="after")
+        after_stage = new_batch(cycle + 1)
         after = summarize(after_stage.records, cfg.scorer)
         log_stage("after", after_stage, after)
-        probe_summary = probe(cycle)
+        probe_summary, probe_records = probe(cycle)
 
+        chosen_set = set(chosen)
         write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl",
-                    [r | {"stage": "before"} for r in before_stage.records]
+                    [r | {"stage": "before", "selected": i in chosen_set} for i, r in enumerate(before_stage.records)]
                     + [r | {"stage": "after"} for r in after_stage.records]
-                    + [r | {"stage": "probe"} for r in probe_summary.get("records", [])])
-        save_checkpoint(lm, run_dir, cycle, after_stage)
+                    + [r | {"stage": "probe"} for r in probe_records])
+        save_checkpoint(lm, run_dir, cycle, after_stage, pool)
 
         history["cycles"].append({
             "cycle": cycle, "before": before, "after": after,
             "improvement": round(after["mean_score"] - before["mean_score"], 4),
-            "probe": {k: v for k, v in probe_summary.items() if k != "records"},
-            "training": training,
+            "probe": probe_summary, "training": training,
             "timing": {"before": before_stage.timing, "after": after_stage.timing,
                        "cycle_s": round(time.perf_counter() - cycle_start, 3)},
         })
@@ -951,21 +1248,26 @@ def run(cfg: Config) -> dict:
         history["total_accepted"] += before["accepted"]
         progress = {"last_completed_cycle": cycle, "timestamp": datetime.now(timezone.utc).isoformat(),
                     "history": history}
+        plot_progress(history, run_dir / "progress.png")
         write_json(run_dir / "progress.json", progress)  # last: marks the cycle as done
         pending = after_stage
         print(f"  cycle {cycle} done in {time.perf_counter() - cycle_start:.1f}s", flush=True)
 
+    last = history["cycles"][-1]
     results = {"finished": datetime.now(timezone.utc).isoformat(), "cycles": cfg.cycles,
                "probe_initial": history["probe_initial"].get("mean_score"),
-               "probe_final": history["cycles"][-1]["probe"].get("mean_score"),
+               "probe_final": last["probe"].get("mean_score"),
+               "frozen_probe_initial": history["probe_initial"].get("frozen_mean_score"),
+               "frozen_probe_final": last["probe"].get("frozen_mean_score"),
                "before_first": history["cycles"][0]["before"]["mean_score"],
-               "after_last": history["cycles"][-1]["after"]["mean_score"],
+               "after_last": last["after"]["mean_score"],
                "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
                "wall_s_this_invocation": round(time.perf_counter() - started, 1),
                "config": history["config"]}
     write_json(run_dir / "self_improvement_results.json", results)
-    print(f"done: probe score {results['probe_initial']} -> {results['probe_final']}, "
-          f"batch score {results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
+    print(f"done: probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
+          f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), batch score "
+          f"{results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
     return progress
 
 
@@ -974,8 +1276,17 @@ def run(cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        run(parse_config(argv))
+        if argv[:1] == ["compare"]:
+            parser = argparse.ArgumentParser(prog="intrinsic_self_improvement.py compare",
+                                             description="Compare runs side by side: a table and one plot.")
+            parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+            parser.add_argument("--plot", default="output/comparison.png", help="where to write the plot")
+            args = parser.parse_args(argv[1:])
+            print(compare_runs(args.run_dirs, Path(args.plot)))
+        else:
+            run(parse_config(argv))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -125,3 +125,42 @@ def test_sampling_is_seeded(tiny_model_dir):
                          batch_size=4, seed=s, desc="t").texts for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert len(runs[0]) == 6
+
+
+def test_controls_frozen_judge_cumulative_data_random_selection(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "controls", "--judge", "frozen",
+                     "--data", "cumulative", "--select", "random")
+    assert isi.main(args) == 0
+    history = read_progress(tmp_path / "controls")["history"]
+    first, second = history["cycles"]
+    assert first["training"]["selected"] == first["before"]["accepted"]  # random keeps the threshold's count
+    assert second["training"]["pairs"] == first["training"]["selected"] + second["training"]["selected"]
+    # with the frozen judge, the probe's own score is the frozen one
+    assert second["probe"]["mean_score"] == second["probe"]["frozen_mean_score"]
+    for key in ("distinct_1", "distinct_2", "duplicate_rate", "copy_rate", "mean_command_tokens"):
+        assert key in second["after"]["health"]
+    assert (tmp_path / "controls" / "progress.png").stat().st_size > 10_000
+
+
+def test_model_written_tasks(tiny_model_dir, tmp_path):
+    lm = load_tiny(tiny_model_dir)
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--max-inversion-tokens", "12"])
+    probe = frozenset(t.text for t in isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True))
+    tasks, info = isi.write_tasks(lm, cfg, isi.PENTEST_DOMAIN, 6, random.Random(1), 7, probe)
+    patterns = isi.template_patterns(isi.PENTEST_DOMAIN)
+    assert info["tasks_kept"] == len(tasks) <= 6 and info["tasks_requested"] >= 12
+    for task in tasks:
+        assert 3 <= len(task.text.split()) <= 40
+        assert task.text not in probe and not any(p.fullmatch(task.text) for p in patterns)
+    assert len({t.text.lower() for t in tasks}) == len(tasks)
+
+
+def test_compare_runs(tiny_model_dir, tmp_path):
+    for seed in ("0", "1"):
+        assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--seed", seed)) == 0
+    runs = sorted(str(p) for p in tmp_path.iterdir() if p.is_dir())
+    plot = tmp_path / "cmp.png"
+    text = isi.compare_runs(runs, plot)
+    assert "differ only by seed" in text and "(2 seeds)" in text and "±" in text
+    assert plot.stat().st_size > 10_000
+    assert isi.main(["compare", str(tmp_path / "missing")]) == 2

@@ -141,3 +141,58 @@ def test_published_defaults():
 def test_stage_seed_differs_by_stage_and_is_stable():
     assert isi.stage_seed(0, "batch", 1) == isi.stage_seed(0, "batch", 1)
     assert len({isi.stage_seed(0, "batch", 1), isi.stage_seed(0, "batch", 2), isi.stage_seed(1, "batch", 1)}) == 3
+
+
+@pytest.mark.parametrize("sequences, length", [
+    ([[1, 2, 3], [1, 2, 4], [1, 2]], 2), ([[1, 2], [1, 2]], 2), ([[5], [6]], 0), ([[1, 2, 3]], 3), ([[], [1]], 0),
+])
+def test_shared_prefix_length(sequences, length):
+    assert isi.shared_prefix_length(sequences) == length
+
+
+def test_distinct_n_known_values():
+    commands = [["nmap", "-p", "22"], ["nmap", "-p", "80"]]
+    assert isi.distinct_n(commands, 1) == pytest.approx(4 / 6)
+    assert isi.distinct_n(commands, 2) == pytest.approx(3 / 4)
+    assert isi.distinct_n([], 1) == 0.0 and isi.distinct_n([["ls"]], 2) == 0.0
+
+
+def test_copy_rate_counts_tokens_found_in_the_task():
+    task = "Scan ports 22,80 on 10.0.0.1."
+    assert isi.copy_rate(task, "nmap -p 22,80 10.0.0.1") == pytest.approx(2 / 4)
+    assert isi.copy_rate(task, "Scan ports 22,80 on 10.0.0.1") == pytest.approx(1.0)
+    assert isi.copy_rate(task, "") == 0.0
+
+
+def record(task, command, usable=True, score=0.0, accepted=False):
+    return {"task": task, "command": command, "usable": usable, "score": score, "accepted": accepted}
+
+
+def test_generation_health():
+    records = [record("t1", "ls -la"), record("t1", "ls -la"), record("t1", "ls"),
+               record("t2", "ls -la"), record("t2", "", usable=False)]
+    health = isi.generation_health(records)
+    assert health["duplicate_rate"] == pytest.approx(2 / 4)  # the two 'ls -la' of t1; t2's is not a duplicate
+    assert health["mean_command_tokens"] == pytest.approx((2 + 2 + 1 + 2) / 4)
+    assert health["distinct_1"] == pytest.approx(2 / 7, abs=1e-4)  # rounded to 4 places
+
+
+def test_select_for_training_modes():
+    records = [record("t", f"cmd{i}", accepted=i in (1, 4)) for i in range(6)] + [record("t", "", usable=False)]
+    assert isi.select_for_training(records, "threshold", random.Random(0)) == [1, 4]
+    assert isi.select_for_training(records, "all", random.Random(0)) == [0, 1, 2, 3, 4, 5]
+    picks = {tuple(isi.select_for_training(records, "random", random.Random(seed))) for seed in range(20)}
+    assert all(len(p) == 2 and 6 not in p for p in picks) and len(picks) > 1
+
+
+def test_template_patterns_recognise_template_tasks_only():
+    patterns = isi.template_patterns(isi.PENTEST_DOMAIN)
+    for task in isi.draw_tasks(isi.PENTEST_DOMAIN, 200, random.Random(3)):
+        assert any(p.fullmatch(task.text) for p in patterns)
+    assert not any(p.fullmatch("Enumerate SMB shares on the file server") for p in patterns)
+
+
+def test_curve_reads_cycle_zero_from_the_initial_entry():
+    history = {"probe_initial": {"mean_score": 0.1},
+               "cycles": [{"cycle": 1, "probe": {"mean_score": 0.2}}, {"cycle": 2, "probe": {}}]}
+    assert isi.curve(history, "probe", "mean_score", initial="probe_initial") == ([0, 1], [0.1, 0.2])
