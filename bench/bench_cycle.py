@@ -1,0 +1,230 @@
+"""One cycle's stages, twice on the same model, tasks and seed: in the published call pattern
+(one `generate` per sample: 100 new tokens for a command, 50 for an inversion, 5 for a rating;
+training on examples padded to 512 tokens with the loss over every position) and through the
+project's own code path. Prints seconds per stage, tokens/s, peak memory and the ratio, and
+writes them as JSON.
+
+    # this machine, embedded SmolLM2-135M, the published 50 x 3 (about 20 minutes, mostly the published pattern)
+    python bench/bench_cycle.py --out output/bench_cpu.json
+    # a quick look (seconds): a tiny random model, 4 x 2
+    python bench/bench_cycle.py --random-config tiny --tasks 4 --candidates 2 --out output/bench_tiny.json
+    # one GPU: Mistral-7B's shape with random weights, 4-bit NF4 + LoRA, then bf16
+    python bench/bench_cycle.py --random-config mistral-7b --quantize 4bit --out output/bench_gpu_4bit.json
+    python bench/bench_cycle.py --random-config mistral-7b --quantize none --out output/bench_gpu_bf16.json
+"""
+import argparse
+import json
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import intrinsic_self_improvement as isi  # noqa: E402
+
+PUBLISHED_TOKENS = {"command": 100, "inversion": 50, "rating": 5}
+
+
+def random_model_dir(kind: str, target: Path) -> Path:
+    """Random weights in a model's shape, with the embedded tokenizer (its vocabulary sets the
+    embedding size). Random weights never emit EOS: every sequence runs to its cap."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
+    shape = {} if kind == "mistral-7b" else dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2)
+    config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = MistralForCausalLM(config).to(torch.bfloat16 if kind == "mistral-7b" else torch.float32)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def peak_memory_gib(device: str) -> float:
+    import torch
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # process peak RSS
+
+
+def reset_peak(device: str) -> None:
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timed(device: str, fn):
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# The published call pattern
+# ---------------------------------------------------------------------------------------------
+
+def generate_one_by_one(lm, requests: list[str], max_new_tokens: int, temperature: float, seed: int):
+    """One `model.generate` call per sample, as the published script does."""
+    import torch
+    tok, texts, tokens = lm.tokenizer, [], 0
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    for request in requests:
+        inputs = tok(isi.chat_prompt(tok, request), add_special_tokens=False, return_tensors="pt").to(lm.device)
+        with torch.inference_mode():
+            out = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        tokens += len(new)
+        texts.append(tok.decode(new, skip_special_tokens=True))
+    return texts, tokens
+
+
+def published_train(lm, cfg, pairs, seed: int) -> dict:
+    """Examples padded to 512 tokens, labels = input_ids (the loss includes the padding)."""
+    import torch
+    tok, model = lm.tokenizer, lm.model
+    torch.manual_seed(seed)
+    texts = [isi.chat_prompt(tok, isi.command_request(task)) + command + tok.eos_token for task, command in pairs]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    model.train()
+    losses = []
+    for first in range(0, len(texts), cfg.batch_size):
+        batch = tok(texts[first:first + cfg.batch_size], padding="max_length", max_length=512, truncation=True,
+                    add_special_tokens=False, return_tensors="pt").to(lm.device)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return {"steps": len(losses), "tokens": len(losses) * cfg.batch_size * 512}
+
+
+def published_cycle(lm, cfg, tasks, seed: int) -> dict:
+    d = lm.device
+    task_list = [t for t in tasks for _ in range(cfg.candidates)]
+    (outputs, gen_tokens), gen_s = timed(d, lambda: generate_one_by_one(
+        lm, [isi.command_request(t) for t in task_list], PUBLISHED_TOKENS["command"], cfg.temperature, seed))
+    commands = [isi.extract_command(text) for text in outputs]
+    (inversions, inv_tokens), inv_s = timed(d, lambda: generate_one_by_one(
+        lm, [isi.inversion_request(c) for c in commands], PUBLISHED_TOKENS["inversion"], cfg.invert_temperature, seed + 1))
+    recons = [isi.extract_reconstruction(t) for t in inversions]
+    (ratings, rate_tokens), rate_s = timed(d, lambda: generate_one_by_one(
+        lm, [isi.rating_request(t.text, r) for t, r in zip(task_list, recons)], PUBLISHED_TOKENS["rating"], 0, seed + 2))
+    scores = [isi.mix_score(t.text, r, isi.parse_rating(x)) for t, r, x in zip(task_list, recons, ratings)]
+    accepted = [(t, c) for t, c, s in zip(task_list, commands, scores) if s >= cfg.threshold and c]
+    train, train_s = timed(d, lambda: published_train(lm, cfg, accepted, seed + 3))
+    return {"generate_s": gen_s, "generate_tokens": gen_tokens, "invert_s": inv_s, "invert_tokens": inv_tokens,
+            "score_s": rate_s, "score_tokens": rate_tokens, "train_s": train_s, "train_steps": train["steps"],
+            "accepted": len(accepted), "candidates": len(task_list)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The project's code path
+# ---------------------------------------------------------------------------------------------
+
+def project_cycle(lm, embedder, cfg, tasks, seed: int) -> dict:
+    d = lm.device
+    written, gen_s = timed(d, lambda: isi.write_commands(lm, cfg, tasks, copies=cfg.candidates, greedy=False,
+                                                         seed=seed, label="generate"))
+    judged, judge_s = timed(d, lambda: isi.judge_commands(lm, embedder, cfg, written.records, frozen=False,
+                                                          greedy=False, seed=seed, label="judge"))
+    chosen = isi.select_for_training(judged.records, "threshold", random.Random(seed))
+    pairs = [(isi.Task(judged.records[i]["task"], judged.records[i]["tool"]), judged.records[i]["command"]) for i in chosen]
+    train, train_s = timed(d, lambda: isi.train_adapter(lm, cfg, pairs, seed))
+    t = judged.timing
+    return {"generate_s": gen_s, "generate_tokens": written.timing["generate_tokens"],
+            "invert_s": t["invert_s"], "invert_tokens": t["invert_tokens"],
+            "score_s": judge_s - t["invert_s"], "score_tokens": t["rating_tokens"],
+            "train_s": train_s, "train_steps": train["steps"], "accepted": len(pairs),
+            "candidates": len(judged.records)}
+
+
+def with_rates(stages: dict) -> dict:
+    out = dict(stages)
+    for stage in ("generate", "invert", "score"):
+        seconds = stages[f"{stage}_s"]
+        out[f"{stage}_tokens_per_s"] = round(stages[f"{stage}_tokens"] / seconds, 1) if seconds else None
+    out["total_s"] = sum(stages[f"{s}_s"] for s in ("generate", "invert", "score", "train"))
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=isi.EMBEDDED_MODEL, help="as in the main script")
+    parser.add_argument("--random-config", choices=["tiny", "mistral-7b"], help="random weights in this shape instead of --model")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"])
+    parser.add_argument("--tasks", type=int, default=50)
+    parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threshold", type=float, default=0.5, help="0 makes a random model train on everything")
+    parser.add_argument("--skip-published", action="store_true", help="time only the project's path")
+    parser.add_argument("--out", default="output/bench_cycle.json", help="where to write the JSON figures")
+    args = parser.parse_args(argv)
+
+    scratch = tempfile.TemporaryDirectory()
+    model = str(random_model_dir(args.random_config, Path(scratch.name))) if args.random_config else args.model
+    # the published scorer (it has the most generation work: the self-rating) and the published settings
+    cfg = isi.validate(isi.Config(model=model, device=args.device, quantize=args.quantize, tasks=args.tasks,
+                                  candidates=args.candidates, seed=args.seed, scorer="mix",
+                                  threshold=args.threshold))
+    lm = isi.load_language_model(cfg)
+    print(isi.describe_model(lm, cfg), flush=True)
+    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, cfg.tasks, random.Random(args.seed))
+    initial = {k: v.detach().clone() for k, v in lm.model.state_dict().items() if "lora_" in k}
+    generate_one_by_one(lm, ["warm-up"], 2, 0, 0)  # first-call set-up is not part of either pattern
+    isi.generate(lm, ["warm-up"], temperature=0, max_new_tokens=2, stop_at_line=False, batch_size=1, seed=0, desc="warm-up")
+
+    results = {"device": lm.device, "device_name": device_name(lm.device), "model": args.random_config or args.model,
+               "quantize": cfg.quantize, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
+               "versions": versions(), "published_caps": PUBLISHED_TOKENS}
+    paths = [("project", lambda: project_cycle(lm, None, cfg, tasks, args.seed))]
+    if not args.skip_published:
+        paths.append(("published", lambda: published_cycle(lm, cfg, tasks, args.seed)))
+    for name, run_path in paths:
+        lm.model.load_state_dict(initial, strict=False)  # both paths start from the same adapter
+        reset_peak(lm.device)
+        figures = with_rates(run_path())
+        figures["peak_memory_gib"] = peak_memory_gib(lm.device)
+        results[name] = figures
+        print(f"{name:>9}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
+    if "published" in results:
+        results["speedup"] = {s: round(results["published"][f"{s}_s"] / results["project"][f"{s}_s"], 1)
+                              for s in ("generate", "invert", "score", "train", "total")
+                              if results["project"][f"{s}_s"] > 0}
+        print("speedup (published / project): " + json.dumps(results["speedup"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def device_name(device: str) -> str:
+    import torch
+    return torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

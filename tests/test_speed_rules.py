@@ -1,0 +1,59 @@
+"""Speed must not change results: the batched path against a plain reference path, and scoring
+that does not depend on how inputs are batched. Also the benchmark's CPU path, on a tiny config."""
+import json
+import random
+import sys
+
+import torch
+
+from conftest import ROOT
+
+import intrinsic_self_improvement as isi
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cycle  # noqa: E402
+
+
+def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model():
+    """The project's batched decoder (shared prefix, copies, early stop) writes the same greedy
+    commands as one plain `generate` call per task, so it accepts the same examples."""
+    lm = isi.load_language_model(isi.parse_config([]))
+    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 10, random.Random(5), distinct=True)
+    cfg = isi.parse_config([])
+    batched = isi.write_commands(lm, cfg, tasks, copies=1, greedy=True, seed=0, label="t").records
+    reference, _ = bench_cycle.generate_one_by_one(lm, [isi.command_request(t) for t in tasks],
+                                                   cfg.max_command_tokens, 0, 0)
+    same = sum(r["command"] == isi.extract_command(text) for r, text in zip(batched, reference))
+    assert same >= 9, [(r["command"], isi.extract_command(t)) for r, t in zip(batched, reference)]
+
+
+def test_embedding_scores_do_not_depend_on_the_batch():
+    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    originals = ["Scan ports 22,80 on 10.0.0.1", "Find hidden directories on http://10.0.0.1",
+                 "Search for public exploits for vsftpd 2.3.4 and show where they are stored on disk"]
+    recons = ["Scan two ports on a host", "Brute-force web paths", "List exploits for an FTP server"]
+    together = isi.embedding_scores(embedder, originals, recons)
+    alone = [isi.embedding_scores(embedder, [o], [r])[0] for o, r in zip(originals, recons)]
+    reversed_batch = isi.embedding_scores(embedder, originals[::-1], recons[::-1])[::-1]
+    assert max(abs(a - b) for a, b in zip(together, alone)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(together, reversed_batch)) < 1e-5
+
+
+def test_lexical_scores_are_exact_functions_of_their_inputs():
+    pairs = [("Scan ports 22,80 on 10.0.0.1", "scan ports on 10.0.0.1"), ("List files", "")]
+    assert [isi.lexical_score(*p) for p in pairs] == [isi.lexical_score(*p) for p in pairs]
+
+
+def test_bench_cycle_cpu_path_on_a_tiny_config(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_cycle.main(["--random-config", "tiny", "--tasks", "2", "--candidates", "2", "--threshold", "0",
+                             "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    for path in ("project", "published"):
+        stages = figures[path]
+        assert stages["candidates"] == 4 and stages["accepted"] == 4 and stages["train_steps"] == 1
+        assert stages["generate_s"] > 0 and stages["peak_memory_gib"] > 0
+    # random weights never stop early: the published pattern generates to its 100-token cap
+    assert figures["published"]["generate_tokens"] == 4 * bench_cycle.PUBLISHED_TOKENS["command"]
+    assert figures["speedup"]["total"] > 0
+    assert torch.__version__ == figures["versions"]["torch"]
