@@ -471,6 +471,8 @@ def load_language_model(cfg: Config) -> LanguageModel:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # one log line per stage instead
     device, dtype, four_bit = resolve_device(cfg)
     source = embedded_model_dir() if cfg.model == EMBEDDED_MODEL else cfg.model
     kwargs = {"dtype": dtype}
@@ -986,6 +988,7 @@ def plot_progress(history: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
     panels = [
         (axes[0][0], "intrinsic score (mean)", [
@@ -1021,6 +1024,7 @@ def plot_progress(history: dict, path: Path) -> None:
                 drawn = True
         ax.set_title(title)
         ax.set_xlabel("cycle")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
@@ -1091,6 +1095,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     has_eval = any(h.get("eval_initial") for h in runs.values())
     metrics = [("probe score", ("probe", "mean_score"), "probe_initial"),
                ("probe score, frozen judge", ("probe", "frozen_mean_score"), "probe_initial")]
@@ -1112,6 +1117,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
                                 color=line.get_color(), alpha=0.2)
         ax.set_title(title + (" (band: min-max over seeds)" if seeded else ""))
         ax.set_xlabel("cycle")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
