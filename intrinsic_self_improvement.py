@@ -63,13 +63,17 @@ class Config:
     device: str = field(default="auto", metadata={"help": "where the model runs", "choices": ["auto", "cpu", "cuda"]})
     quantize: str = field(default="auto", metadata={"help": "4bit: NF4 + double quantisation (CUDA only); auto: 4bit on CUDA, none on CPU", "choices": ["auto", "4bit", "none"]})
     scorer: str = field(default="embed", metadata={"help": "embed: MiniLM cosine; mix: published word/difflib/self-rating mix; lexical: mix without the rating", "choices": ["embed", "mix", "lexical"]})
-    domain: str = field(default="pentest", metadata={"help": "built-in task domain", "choices": ["pentest"]})
+    domain: str = field(default="pentest", metadata={"help": "built-in task domain: pentest (published) or bash (files and text)", "choices": ["pentest", "bash"]})
     tasks_file: str | None = field(default=None, metadata={"help": "JSON file with your own task domain (format in README.md); replaces --domain"})
     probe_tasks: int = field(default=20, metadata={"help": "fixed probe tasks, drawn once, never trained on, scored greedily every cycle"})
     select: str = field(default="threshold", metadata={"help": "threshold: train on accepted candidates (published); all: on every candidate; random: on a random subset of the size threshold would keep", "choices": ["threshold", "all", "random"]})
     data: str = field(default="cycle", metadata={"help": "cycle: train on this cycle's selection (published); cumulative: on every selection so far", "choices": ["cycle", "cumulative"]})
     judge: str = field(default="self", metadata={"help": "self: the trained model inverts and rates (published); frozen: the base model, adapter disabled", "choices": ["self", "frozen"]})
     task_source: str = field(default="templates", metadata={"help": "templates: tasks from the domain's templates; model: the model writes its own tasks, few-shot from them", "choices": ["templates", "model"]})
+    eval: str = field(default="none", metadata={"help": "external evaluation: nl2bash runs the model's commands for InterCode's NL2Bash in a sandbox", "choices": ["none", "nl2bash"]})
+    eval_every: int = field(default=1, metadata={"help": "evaluate before cycle 1, every this many cycles, and after the last"})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on this many NL2Bash items (a fixed subset); 0 means all 300"})
+    eval_workers: int = field(default=2, metadata={"help": "parallel sandboxes for the external evaluation"})
     embedder: str = field(default=EMBEDDED_EMBEDDER, metadata={"help": "sentence-transformers model for --scorer embed: 'embedded' or a path"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -79,7 +83,7 @@ class Config:
     gen_batch_size: int = field(default=160, metadata={"help": "sequences per batch in generation (a prompt's candidates share one prefill)"})
 
 
-RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name"}  # may differ between a run and its resume
+RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers"}  # may differ between a run and its resume
 
 
 class UsageError(Exception):
@@ -104,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(cfg: Config) -> Config:
     """Reject settings that cannot make a run, before anything heavy happens."""
     for name in ("cycles", "tasks", "candidates", "batch_size", "lora_r", "lora_alpha",
-                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size"):
+                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size", "eval_every", "eval_workers"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.eval_limit < 0:
+        raise UsageError(f"--eval-limit must be zero (all items) or positive, got {cfg.eval_limit}")
     if cfg.probe_tasks < 0:
         raise UsageError(f"--probe-tasks must be zero or positive, got {cfg.probe_tasks}")
     if not 0.0 <= cfg.threshold <= 1.0:
@@ -213,7 +219,84 @@ PENTEST_DOMAIN = {
         {"tool": "masscan", "task": "Scan all ports of {target} at a rate of {rate}"},
     ],
 }
-BUILTIN_DOMAINS = {"pentest": PENTEST_DOMAIN}
+# Files and text on a file-system tree. Slot values are paths and names that InterCode's
+# NL2Bash setup scripts create (the shapes of the evaluation file systems); the templates are
+# written from scratch, never from the benchmark's queries (a test checks both).
+BASH_DOMAIN = {
+    "name": "bash",
+    "slots": {
+        "dir": ["/testbed", "/testbed/dir1", "/testbed/dir2/subdir2", "/testbed/dir3/subdir1/subsubdir1",
+                "/system", "/system/folder1", "/system/folder3/temp", "/workspace", "/workspace/dir1",
+                "/workspace/dir2"],
+        "file": ["/testbed/dir1/textfile1.txt", "/testbed/textfile7.txt", "/testbed/dir2/subdir1/textfile2.txt",
+                 "/testbed/hello.c", "/testbed/Hello.java", "/system/folder1/text4.txt",
+                 "/system/folder3/temp/temp1/text1.txt", "/system/MANIFEST", "/system/html1.html",
+                 "/workspace/dir1/long.txt", "/workspace/dir1/terminate.txt", "/workspace/dir1/sum.c",
+                 "/workspace/files.txt"],
+        "csv": ["/testbed/dir3/subdir2/csvfile1.csv", "/workspace/dir2/csvfile1.csv", "/system/folder1/data.csv"],
+        "archive": ["/workspace/archive.tar.gz", "/system/folder2.tar.gz"],
+        "dest": ["/backup", "/testbed/dir1/subdir2", "/system/folder3/backup_dbg/backup", "/workspace/test/dir1",
+                 "/system/temp"],
+        "pattern": ["Hello", "hello", "foo", "FooBar", "line", "value", "script", "world", "TERMINATE", "print"],
+        "replacement": ["Hi", "bar", "entry", "LINE"],
+        "ext": ["txt", "sh", "py", "c", "java", "php", "html", "json", "csv", "log", "sql", "doc"],
+        "name": ["backup", "archive", "old", "notes", "reports", "staging"],
+        "n": ["1", "2", "3", "5", "10"],
+        "field": ["1", "2", "3"],
+        "size": ["1k", "4k", "10k", "1M"],
+        "days": ["1", "2", "7", "30", "90"],
+        "mode": ["644", "600", "755", "700", "444"],
+    },
+    "templates": [
+        {"tool": "find", "task": "Find all .{ext} files under {dir}"},
+        {"tool": "find", "task": "List regular files below {dir} that are bigger than {size}"},
+        {"tool": "find", "task": "Find files in {dir} that were modified during the last {days} days"},
+        {"tool": "find", "task": "Show all empty files and directories beneath {dir}"},
+        {"tool": "find", "task": "Find every subdirectory of {dir} and print its path"},
+        {"tool": "find", "task": "Find files under {dir} whose name contains '{pattern}', ignoring case"},
+        {"tool": "grep", "task": "Search {dir} recursively for lines that contain '{pattern}'"},
+        {"tool": "grep", "task": "List only the names of files under {dir} that mention '{pattern}'"},
+        {"tool": "grep", "task": "Count how many lines of {file} contain '{pattern}'"},
+        {"tool": "grep", "task": "Print the lines of {file} that do not contain '{pattern}'"},
+        {"tool": "grep", "task": "Show every line of {file} matching '{pattern}' together with its line number"},
+        {"tool": "wc", "task": "Count the lines in {file}"},
+        {"tool": "wc", "task": "Count how many .{ext} files exist below {dir}"},
+        {"tool": "ls", "task": "List the contents of {dir} sorted by modification time, newest first"},
+        {"tool": "ls", "task": "Show all entries of {dir}, hidden ones included, in long format"},
+        {"tool": "du", "task": "Show the total disk usage of {dir} in human-readable units"},
+        {"tool": "du", "task": "Show the {n} largest items inside {dir} by disk usage"},
+        {"tool": "sort", "task": "Sort the lines of {file} alphabetically and drop duplicate lines"},
+        {"tool": "sort", "task": "Sort the lines of {file} in reverse order and write them to {file}.sorted"},
+        {"tool": "head", "task": "Show the first {n} lines of {file}"},
+        {"tool": "tail", "task": "Print the final {n} lines of {file}"},
+        {"tool": "tail", "task": "Print everything in {file} except its first line"},
+        {"tool": "sed", "task": "Replace every occurrence of '{pattern}' with '{replacement}' in {file}, editing the file in place"},
+        {"tool": "sed", "task": "Print line {n} of {file} using sed"},
+        {"tool": "sed", "task": "Delete blank lines from {file} and print what remains"},
+        {"tool": "awk", "task": "Print field {field} of every row in the comma-separated file {csv}"},
+        {"tool": "awk", "task": "Print the number of fields on each line of {file}"},
+        {"tool": "tar", "task": "Create a gzip-compressed tar archive named {name}.tar.gz that contains {dir}"},
+        {"tool": "tar", "task": "List the files stored in the archive {archive} without extracting it"},
+        {"tool": "tar", "task": "Extract the archive {archive} into {dest}"},
+        {"tool": "xargs", "task": "Use xargs to count the lines of every .{ext} file under {dir}"},
+        {"tool": "xargs", "task": "Use xargs to remove every .{ext} file found under {dir}"},
+        {"tool": "cut", "task": "Show columns 1 to {field} of the comma-separated file {csv}"},
+        {"tool": "cut", "task": "Print only the first {n} characters of each line of {file}"},
+        {"tool": "uniq", "task": "Count how many times each distinct line appears in {file}"},
+        {"tool": "uniq", "task": "Print only the lines of {file} that appear more than once"},
+        {"tool": "chmod", "task": "Make every .sh file under {dir} executable"},
+        {"tool": "chmod", "task": "Set the permissions of {file} to {mode}"},
+        {"tool": "cp", "task": "Copy {file} into {dest}"},
+        {"tool": "cp", "task": "Copy the directory {dir} with all its contents into {dest}"},
+        {"tool": "mv", "task": "Rename {file} to {file}.bak"},
+        {"tool": "mv", "task": "Move all .{ext} files from {dir} into {dest}"},
+        {"tool": "mkdir", "task": "Create the directory {dir}/{name}"},
+        {"tool": "cat", "task": "Show {file} with every line numbered"},
+        {"tool": "cat", "task": "Append the contents of {file} to {dest}/{name}.txt"},
+    ],
+}
+
+BUILTIN_DOMAINS = {"pentest": PENTEST_DOMAIN, "bash": BASH_DOMAIN}
 SLOT_PATTERN = re.compile(r"\{(\w+)\}")
 
 
@@ -896,6 +979,61 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation from outside the loop: NL2Bash, executed in a sandbox (nl2bash_eval.py)
+# ---------------------------------------------------------------------------------------------
+
+def evaluation_items(cfg: Config) -> list[dict] | None:
+    """The NL2Bash items to evaluate on (a fixed subset with --eval-limit), or None."""
+    if cfg.eval == "none":
+        return None
+    import nl2bash_eval
+    try:
+        return nl2bash_eval.load_items(cfg.eval_limit or None)
+    except nl2bash_eval.SandboxUnavailable as err:
+        print(f"external evaluation off: {err}", flush=True)
+        return None
+
+
+def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict],
+                        cycle: int) -> tuple[dict | None, list[dict]]:
+    """The model's greedy command for every benchmark query, in the prompt format it trains on,
+    executed in the sandbox against the gold command; and the intrinsic score of the same
+    command, so the run shows whether the intrinsic signal tracks real quality (Spearman).
+    (None, []) where the sandbox cannot run: nothing is ever executed outside it."""
+    import nl2bash_eval
+    seed = stage_seed(cfg.seed, "eval", cycle)
+    written = write_commands(lm, cfg, [Task(item["query"]) for item in items], copies=1, greedy=True,
+                             seed=seed, label="eval")
+    start = time.perf_counter()
+    try:
+        # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
+        with nl2bash_eval.Evaluator(items, workers=cfg.eval_workers) as evaluator:
+            results = evaluator.score([r["command"] for r in written.records])
+    except nl2bash_eval.SandboxUnavailable as err:
+        print(f"  eval    skipped: {err}", flush=True)
+        return None, []
+    execute_s = time.perf_counter() - start
+    judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen", greedy=True,
+                            seed=seed, label="eval")
+    records = [{"id": item["id"], "difficulty": item["difficulty"]} | r | {
+        k: result[k] for k in ("reward", "success", "nlc2cmd", "exact", "timed_out")}
+        for item, r, result in zip(items, judged.records, results)]
+    scores = [r["score"] for r in records]
+    timing = {"generate_s": written.timing["generate_s"], "execute_s": round(execute_s, 3),
+              "judge_s": round(judged.timing["invert_s"] + judged.timing["score_s"], 3)}
+    summary = nl2bash_eval.summarize(results, items) | {
+        "mean_intrinsic_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+        "spearman_score_success": nl2bash_eval.spearman(scores, [float(r["success"]) for r in records]),
+        "spearman_score_reward": nl2bash_eval.spearman(scores, [r["reward"] for r in records]),
+        "seconds": round(sum(timing.values()), 3), "timing": timing}
+    print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
+          f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact {summary['exact_match']:.3f}; "
+          f"spearman(intrinsic, success) {summary['spearman_score_success']} | generate {timing['generate_s']:.1f}s, "
+          f"execute {timing['execute_s']:.1f}s, judge {timing['judge_s']:.1f}s", flush=True)
+    return summary, records
+
+
+# ---------------------------------------------------------------------------------------------
 # Run directory: progress, checkpoints, resume
 # ---------------------------------------------------------------------------------------------
 
@@ -1067,7 +1205,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
     for d, h in runs.items():
         last = h["cycles"][-1] if h["cycles"] else {}
         probe0, probe = h.get("probe_initial", {}).get("mean_score"), last.get("probe", {})
-        eval0, evaln = h.get("eval_initial", {}), last.get("eval") or {}
+        eval0, evaln = h.get("eval_initial") or {}, last.get("eval") or {}
         rows.append([Path(d).name, str(len(h["cycles"])), f"{probe0} -> {probe.get('mean_score')}",
                      str(probe.get("frozen_mean_score")), str(last.get("after", {}).get("mean_score")),
                      str(last.get("after", {}).get("acceptance_rate")),
@@ -1163,6 +1301,7 @@ def run(cfg: Config) -> dict:
     embedder = load_embedder(cfg, lm.device) if cfg.scorer == "embed" else None
     print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s", flush=True)
     print(f"run directory {run_dir}", flush=True)
+    eval_items = evaluation_items(cfg)
 
     def new_batch(index: int) -> Stage:
         """Fresh tasks (never probe tasks), `--candidates` sampled commands each, judged."""
@@ -1204,6 +1343,9 @@ def run(cfg: Config) -> dict:
         print("cycle 0 (before any training)", flush=True)
         history["probe_initial"], records = probe(0)
         write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
+        if eval_items:
+            history["eval_initial"], records = external_evaluation(lm, embedder, cfg, eval_items, 0)
+            write_jsonl(run_dir / "eval_cycle_0.jsonl", records)
         pending, pool, first_cycle = new_batch(1), [], 1
     else:
         history = saved["history"]
@@ -1235,6 +1377,10 @@ def run(cfg: Config) -> dict:
         after = summarize(after_stage.records, cfg.scorer)
         log_stage("after", after_stage, after)
         probe_summary, probe_records = probe(cycle)
+        evaluation = None
+        if eval_items and (cycle % cfg.eval_every == 0 or cycle == cfg.cycles):
+            evaluation, records = external_evaluation(lm, embedder, cfg, eval_items, cycle)
+            write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
 
         chosen_set = set(chosen)
         write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl",
@@ -1246,7 +1392,7 @@ def run(cfg: Config) -> dict:
         history["cycles"].append({
             "cycle": cycle, "before": before, "after": after,
             "improvement": round(after["mean_score"] - before["mean_score"], 4),
-            "probe": probe_summary, "training": training,
+            "probe": probe_summary, "training": training, "eval": evaluation,
             "timing": {"before": before_stage.timing, "after": after_stage.timing,
                        "cycle_s": round(time.perf_counter() - cycle_start, 3)},
         })
@@ -1267,6 +1413,8 @@ def run(cfg: Config) -> dict:
                "frozen_probe_final": last["probe"].get("frozen_mean_score"),
                "before_first": history["cycles"][0]["before"]["mean_score"],
                "after_last": last["after"]["mean_score"],
+               "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
+               "eval_success_final": (last.get("eval") or {}).get("success_rate"),
                "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
                "wall_s_this_invocation": round(time.perf_counter() - started, 1),
                "config": history["config"]}

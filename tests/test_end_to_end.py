@@ -164,3 +164,33 @@ def test_compare_runs(tiny_model_dir, tmp_path):
     assert "differ only by seed" in text and "(2 seeds)" in text and "±" in text
     assert plot.stat().st_size > 10_000
     assert isi.main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "eval", "--domain", "bash",
+                     "--eval", "nl2bash", "--eval-limit", "6", "--eval-every", "2")
+    assert isi.main(args) == 0
+    run_dir = tmp_path / "eval"
+    history = read_progress(run_dir)["history"]
+    initial, (first, second) = history["eval_initial"], history["cycles"]
+    assert initial["n"] == 6 and 0.0 <= initial["success_rate"] <= 1.0
+    assert {"mean_reward", "nlc2cmd", "exact_match", "per_difficulty", "spearman_score_success", "seconds"} <= set(initial)
+    assert first["eval"] is None and second["eval"]["n"] == 6  # every 2 cycles
+    records = [json.loads(line) for line in (run_dir / "eval_cycle_2.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and {"query" not in r and "task" in r and "reward" in r and "score" in r for r in records} == {True}
+    assert not (run_dir / "eval_cycle_1.jsonl").exists()
+    results = json.loads((run_dir / "self_improvement_results.json").read_text())
+    assert results["eval_success_initial"] == initial["success_rate"]
+
+
+def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no bwrap to be found: nothing may run unsandboxed
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "nobox", "--eval", "nl2bash",
+                     "--eval-limit", "3")
+    assert isi.main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval    skipped:" in out and len([l for l in out.splitlines() if "skipped:" in l]) == 2
+    history = read_progress(tmp_path / "nobox")["history"]
+    assert history["eval_initial"] is None and history["cycles"][0]["eval"] is None
