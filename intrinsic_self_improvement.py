@@ -855,6 +855,10 @@ def select_for_training(records: list[dict], mode: str, rng: random.Random) -> l
     return sorted(rng.sample(candidates, min(len(accepted), len(candidates))))
 
 
+# ---------------------------------------------------------------------------------------------
+# Tasks written by the model (--task-source model)
+# ---------------------------------------------------------------------------------------------
+
 def template_patterns(domain: dict) -> list[re.Pattern]:
     """One regex per template, slots as wildcards: recognises any task the templates can make."""
     patterns = []
