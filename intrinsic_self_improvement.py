@@ -90,8 +90,15 @@ class UsageError(Exception):
     """Bad input from the user: reported in one line, exit code 2, nothing touched."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="intrinsic_self_improvement.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(Config):
@@ -1437,7 +1444,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["compare"]:
-            parser = argparse.ArgumentParser(prog="intrinsic_self_improvement.py compare",
+            parser = OneLineParser(prog="intrinsic_self_improvement.py compare",
                                              description="Compare runs side by side: a table and one plot.")
             parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
             parser.add_argument("--plot", default="output/comparison.png", help="where to write the plot")

@@ -53,7 +53,8 @@ def test_bad_values_are_one_line_errors(args, message, tmp_path):
 def test_unknown_or_malformed_flags_are_refused(args):
     result = cli(*args)
     assert result.returncode == 2
-    assert "error:" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
 
 
 def test_malformed_tasks_file_names_the_problem(tmp_path):
