@@ -1,7 +1,8 @@
 """One cycle's stages, twice on the same model, tasks and seed: in the published call pattern
 (one `generate` per sample: 100 new tokens for a command, 50 for an inversion, 5 for a rating;
 training on examples padded to 512 tokens with the loss over every position) and through the
-project's own code path. Prints seconds per stage, tokens/s, peak memory and the ratio, and
+project's own code path. Both train on the same pairs: every candidate with a command, the most
+a cycle can accept. Scoring is the published mix (with the self-rating) in both. Prints seconds per stage, tokens/s, peak memory and the ratio, and
 writes them as JSON.
 
     # this machine, embedded SmolLM2-135M, the published 50 x 3 (about 20 minutes, mostly the published pattern)
@@ -113,7 +114,7 @@ def published_train(lm, cfg, pairs, seed: int) -> dict:
     return {"steps": len(losses), "tokens": len(losses) * cfg.batch_size * 512}
 
 
-def published_cycle(lm, cfg, tasks, seed: int) -> dict:
+def published_cycle(lm, cfg, tasks, pairs, seed: int) -> dict:
     d = lm.device
     task_list = [t for t in tasks for _ in range(cfg.candidates)]
     (outputs, gen_tokens), gen_s = timed(d, lambda: generate_one_by_one(
@@ -126,31 +127,32 @@ def published_cycle(lm, cfg, tasks, seed: int) -> dict:
         lm, [isi.rating_request(t.text, r) for t, r in zip(task_list, recons)], PUBLISHED_TOKENS["rating"], 0, seed + 2))
     scores = [isi.mix_score(t.text, r, isi.parse_rating(x)) for t, r, x in zip(task_list, recons, ratings)]
     accepted = [(t, c) for t, c, s in zip(task_list, commands, scores) if s >= cfg.threshold and c]
-    train, train_s = timed(d, lambda: published_train(lm, cfg, accepted, seed + 3))
+    train, train_s = timed(d, lambda: published_train(lm, cfg, pairs, seed + 3))
     return {"generate_s": gen_s, "generate_tokens": gen_tokens, "invert_s": inv_s, "invert_tokens": inv_tokens,
             "score_s": rate_s, "score_tokens": rate_tokens, "train_s": train_s, "train_steps": train["steps"],
-            "accepted": len(accepted), "candidates": len(task_list)}
+            "train_pairs": len(pairs), "accepted": len(accepted), "candidates": len(task_list)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The project's code path
 # ---------------------------------------------------------------------------------------------
 
-def project_cycle(lm, embedder, cfg, tasks, seed: int) -> dict:
+def project_cycle(lm, embedder, cfg, tasks, seed: int) -> tuple[dict, list]:
+    """Also returns the training pairs both patterns train on: every candidate with a command,
+    the most a cycle can accept (a model at cycle 0 accepts few, which would time nothing)."""
     d = lm.device
     written, gen_s = timed(d, lambda: isi.write_commands(lm, cfg, tasks, copies=cfg.candidates, greedy=False,
                                                          seed=seed, label="generate"))
     judged, judge_s = timed(d, lambda: isi.judge_commands(lm, embedder, cfg, written.records, frozen=False,
                                                           greedy=False, seed=seed, label="judge"))
-    chosen = isi.select_for_training(judged.records, "threshold", random.Random(seed))
-    pairs = [(isi.Task(judged.records[i]["task"], judged.records[i]["tool"]), judged.records[i]["command"]) for i in chosen]
+    pairs = [(isi.Task(r["task"], r["tool"]), r["command"]) for r in judged.records if r["command"]]
     train, train_s = timed(d, lambda: isi.train_adapter(lm, cfg, pairs, seed))
     t = judged.timing
     return {"generate_s": gen_s, "generate_tokens": written.timing["generate_tokens"],
             "invert_s": t["invert_s"], "invert_tokens": t["invert_tokens"],
             "score_s": judge_s - t["invert_s"], "score_tokens": t["rating_tokens"],
-            "train_s": train_s, "train_steps": train["steps"], "accepted": len(pairs),
-            "candidates": len(judged.records)}
+            "train_s": train_s, "train_steps": train["steps"], "train_pairs": len(pairs),
+            "accepted": sum(r["accepted"] for r in judged.records), "candidates": len(judged.records)}, pairs
 
 
 def with_rates(stages: dict) -> dict:
@@ -192,9 +194,15 @@ def main(argv=None) -> int:
     results = {"device": lm.device, "device_name": device_name(lm.device), "model": args.random_config or args.model,
                "quantize": cfg.quantize, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
                "versions": versions(), "published_caps": PUBLISHED_TOKENS}
-    paths = [("project", lambda: project_cycle(lm, None, cfg, tasks, args.seed))]
+    shared = {}
+
+    def project():
+        figures, shared["pairs"] = project_cycle(lm, None, cfg, tasks, args.seed)
+        return figures
+
+    paths = [("project", project)]
     if not args.skip_published:
-        paths.append(("published", lambda: published_cycle(lm, cfg, tasks, args.seed)))
+        paths.append(("published", lambda: published_cycle(lm, cfg, tasks, shared["pairs"], args.seed)))
     for name, run_path in paths:
         lm.model.load_state_dict(initial, strict=False)  # both paths start from the same adapter
         reset_peak(lm.device)
