@@ -1005,6 +1005,10 @@ def evaluation_items(cfg: Config) -> list[dict] | None:
         return None
 
 
+def rounded(value: float | None, places: int = 4) -> float | None:
+    return None if value is None else round(value, places)
+
+
 def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict],
                         cycle: int) -> tuple[dict | None, list[dict]]:
     """The model's greedy command for every benchmark query, in the prompt format it trains on,
@@ -1034,8 +1038,8 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
               "judge_s": round(judged.timing["invert_s"] + judged.timing["score_s"], 3)}
     summary = nl2bash_eval.summarize(results, items) | {
         "mean_intrinsic_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
-        "spearman_score_success": nl2bash_eval.spearman(scores, [float(r["success"]) for r in records]),
-        "spearman_score_reward": nl2bash_eval.spearman(scores, [r["reward"] for r in records]),
+        "spearman_score_success": rounded(nl2bash_eval.spearman(scores, [float(r["success"]) for r in records])),
+        "spearman_score_reward": rounded(nl2bash_eval.spearman(scores, [r["reward"] for r in records])),
         "seconds": round(sum(timing.values()), 3), "timing": timing}
     print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
           f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact {summary['exact_match']:.3f}; "
