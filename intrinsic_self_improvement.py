@@ -1009,6 +1009,17 @@ def rounded(value: float | None, places: int = 4) -> float | None:
     return None if value is None else round(value, places)
 
 
+def pooled_correlations(records: list[dict]) -> dict:
+    """Spearman between intrinsic score and execution, over every evaluated command of a run."""
+    if not records:
+        return {}
+    import nl2bash_eval
+    scores = [r["score"] for r in records]
+    return {"eval_commands": len(records),
+            "eval_spearman_score_success": rounded(nl2bash_eval.spearman(scores, [float(r["success"]) for r in records])),
+            "eval_spearman_score_reward": rounded(nl2bash_eval.spearman(scores, [r["reward"] for r in records]))}
+
+
 def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict],
                         cycle: int) -> tuple[dict | None, list[dict]]:
     """The model's greedy command for every benchmark query, in the prompt format it trains on,
@@ -1421,6 +1432,7 @@ def run(cfg: Config) -> dict:
         print(f"  cycle {cycle} done in {time.perf_counter() - cycle_start:.1f}s", flush=True)
 
     last = history["cycles"][-1]
+    evaluated = [r for path in sorted(run_dir.glob("eval_cycle_*.jsonl")) for r in read_jsonl(path)]
     results = {"finished": datetime.now(timezone.utc).isoformat(), "cycles": cfg.cycles,
                "probe_initial": history["probe_initial"].get("mean_score"),
                "probe_final": last["probe"].get("mean_score"),
@@ -1430,6 +1442,7 @@ def run(cfg: Config) -> dict:
                "after_last": last["after"]["mean_score"],
                "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
                "eval_success_final": (last.get("eval") or {}).get("success_rate"),
+               **pooled_correlations(evaluated),
                "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
                "wall_s_this_invocation": round(time.perf_counter() - started, 1),
                "config": history["config"]}

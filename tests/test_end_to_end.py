@@ -181,6 +181,8 @@ def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
     assert not (run_dir / "eval_cycle_1.jsonl").exists()
     results = json.loads((run_dir / "self_improvement_results.json").read_text())
     assert results["eval_success_initial"] == initial["success_rate"]
+    assert results["eval_commands"] == 12  # pooled over the two evaluations
+    assert "eval_spearman_score_reward" in results
 
 
 def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
