@@ -1223,6 +1223,10 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
     """A table of runs side by side, and groups of runs that differ only by seed, averaged."""
     runs = {d: load_run(d)["history"] for d in run_dirs}
@@ -1232,11 +1236,11 @@ def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
         last = h["cycles"][-1] if h["cycles"] else {}
         probe0, probe = h.get("probe_initial", {}).get("mean_score"), last.get("probe", {})
         eval0, evaln = h.get("eval_initial") or {}, last.get("eval") or {}
-        rows.append([Path(d).name, str(len(h["cycles"])), f"{probe0} -> {probe.get('mean_score')}",
-                     str(probe.get("frozen_mean_score")), str(last.get("after", {}).get("mean_score")),
-                     str(last.get("after", {}).get("acceptance_rate")),
-                     str(last.get("after", {}).get("health", {}).get("copy_rate")),
-                     f"{eval0.get('success_rate')} -> {evaln.get('success_rate')}" if eval0 else "-"])
+        after = last.get("after", {})
+        rows.append([Path(d).name, str(len(h["cycles"])), f"{fmt(probe0)} -> {fmt(probe.get('mean_score'))}",
+                     fmt(probe.get("frozen_mean_score")), fmt(after.get("mean_score")), fmt(after.get("acceptance_rate")),
+                     fmt(after.get("health", {}).get("copy_rate")),
+                     f"{fmt(eval0.get('success_rate'))} -> {fmt(evaln.get('success_rate'))}" if eval0 else "-"])
     groups = {}
     for d, h in runs.items():
         key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
