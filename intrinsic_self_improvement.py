@@ -415,6 +415,11 @@ def first_line_complete(text: str) -> bool:
     return any(line.strip() and not line.strip().startswith("```") for line in text.split("\n")[:-1])
 
 
+def first_content_line(text: str) -> str:
+    """The first non-empty line that is not a code fence, stripped; '' when there is none."""
+    return next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("```")), "")
+
+
 def strip_wrapping(text: str) -> str:
     """Remove matching outer quotes or backticks, repeatedly."""
     text = text.strip()
@@ -428,8 +433,7 @@ def extract_command(output: str) -> str:
     a leading '$ ' prompt or wrapping quotes. '' when there is none."""
     fenced = FENCE.search(output)
     body = fenced.group(1) if fenced else output
-    line = next((ln.strip() for ln in body.split("\n") if ln.strip() and not ln.strip().startswith("```")), "")
-    line = strip_wrapping(line)
+    line = strip_wrapping(first_content_line(body))
     if line.startswith("$ "):
         line = line[2:]
     return strip_wrapping(line)
@@ -442,8 +446,7 @@ def is_usable_command(command: str) -> bool:
 
 
 def extract_reconstruction(output: str) -> str:
-    line = next((ln.strip() for ln in output.split("\n") if ln.strip() and not ln.strip().startswith("```")), "")
-    line = re.sub(r"^(task|answer)\s*:\s*", "", line, flags=re.I)
+    line = re.sub(r"^(task|answer)\s*:\s*", "", first_content_line(output), flags=re.I)
     return strip_wrapping(line)
 
 
