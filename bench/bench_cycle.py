@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--random-config", choices=["tiny", "mistral-7b"], help="random weights in this shape instead of --model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="as in the main script; both patterns run in it")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -181,8 +183,8 @@ def main(argv=None) -> int:
     scratch = tempfile.TemporaryDirectory()
     model = str(random_model_dir(args.random_config, Path(scratch.name))) if args.random_config else args.model
     # the published scorer (it has the most generation work: the self-rating) and the published settings
-    cfg = isi.validate(isi.Config(model=model, device=args.device, quantize=args.quantize, tasks=args.tasks,
-                                  candidates=args.candidates, seed=args.seed, scorer="mix",
+    cfg = isi.validate(isi.Config(model=model, device=args.device, quantize=args.quantize, precision=args.precision,
+                                  tasks=args.tasks, candidates=args.candidates, seed=args.seed, scorer="mix",
                                   threshold=args.threshold))
     lm = isi.load_language_model(cfg)
     print(isi.describe_model(lm, cfg), flush=True)
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     isi.generate(lm, ["warm-up"], temperature=0, max_new_tokens=2, stop_at_line=False, batch_size=1, seed=0, desc="warm-up")
 
     results = {"device": lm.device, "device_name": device_name(lm.device), "model": args.random_config or args.model,
-               "quantize": cfg.quantize, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
+               "quantize": cfg.quantize, "dtype": lm.dtype, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
                "versions": versions(), "published_caps": PUBLISHED_TOKENS}
     shared = {}
 

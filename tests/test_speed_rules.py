@@ -16,15 +16,37 @@ import bench_cycle  # noqa: E402
 
 def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model():
     """The project's batched decoder (shared prefix, copies, early stop) writes the same greedy
-    commands as one plain `generate` call per task, so it accepts the same examples."""
-    lm = isi.load_language_model(isi.parse_config([]))
+    commands as one plain `generate` call per task, so it accepts the same examples. In float32,
+    where a row's arithmetic does not depend on its batch."""
+    cfg = isi.parse_config(["--precision", "fp32"])
+    lm = isi.load_language_model(cfg)
     tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 10, random.Random(5), distinct=True)
-    cfg = isi.parse_config([])
     batched = isi.write_commands(lm, cfg, tasks, copies=1, greedy=True, seed=0, label="t").records
     reference, _ = bench_cycle.generate_one_by_one(lm, [isi.command_request(t) for t in tasks],
                                                    cfg.max_command_tokens, 0, 0)
     same = sum(r["command"] == isi.extract_command(text) for r, text in zip(batched, reference))
     assert same >= 9, [(r["command"], isi.extract_command(t)) for r, t in zip(batched, reference)]
+
+
+def test_bf16_scores_like_fp32_within_sampling_noise():
+    """bf16 (the default on CPUs with AMX, and on GPUs) changes the rounding, so single samples
+    differ; over 30 tasks x 3 candidates its mean score and acceptance must stay within four
+    standard errors of float32's on the same tasks and seed."""
+    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 30, random.Random(7))
+    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        cfg = isi.parse_config(["--precision", precision])
+        lm = isi.load_language_model(cfg)
+        assert lm.dtype == {"fp32": "float32", "bf16": "bfloat16"}[precision]
+        stage = isi.run_stage(lm, embedder, cfg, tasks, copies=3, greedy=False, seed=0, label=precision)
+        scores[precision] = torch.tensor([r["score"] for r in stage.records])
+    a, b = scores["fp32"], scores["bf16"]
+    n = len(a)
+    assert abs(a.mean() - b.mean()) <= 4 * ((a.var() + b.var()) / n).sqrt(), (a.mean(), b.mean())
+    accepted_a, accepted_b = (a >= 0.5).sum().item(), (b >= 0.5).sum().item()
+    p = (accepted_a + accepted_b) / (2 * n)
+    assert abs(accepted_a - accepted_b) <= 4 * (2 * n * p * (1 - p)) ** 0.5 + 1, (accepted_a, accepted_b)
 
 
 def test_embedding_scores_do_not_depend_on_the_batch():
