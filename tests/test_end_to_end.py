@@ -120,34 +120,6 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     assert generated == 10 * 7
 
 
-def test_shared_prefix_training_gives_the_same_loss_and_gradients(tiny_model_dir):
-    """Running the prompt prefix all rows share once is a speed change only: with dropout off,
-    loss and LoRA gradients equal those of running every row in full."""
-    lm = load_tiny(tiny_model_dir, "--lora-dropout", "0")
-    tok = lm.tokenizer
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 4, random.Random(3), distinct=True)
-    commands = ["nmap -p 22 10.0.0.1", "ls", "curl -I http://10.0.0.2/admin", "nikto -h 10.0.0.3"]
-    examples = [isi.training_example(tok(isi.chat_prompt(tok, isi.command_request(t)), add_special_tokens=False)["input_ids"],
-                                     tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-                for t, c in zip(tasks, commands)]
-    batch = isi.collate(examples, tok.pad_token_id)
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in params:  # LoRA B starts at zero, which would leave A's gradient zero in both paths
-        torch.nn.init.normal_(p, std=0.02)
-    lm.model.train()
-    results = []
-    for share in (False, True):
-        loss, n = isi.completion_loss(lm.model, batch, share_prefix=share)
-        grads = torch.autograd.grad(loss, params)
-        results.append((loss.item(), n, grads))
-    (full_loss, full_n, full_grads), (shared_loss, shared_n, shared_grads) = results
-    assert shared_n == full_n == sum(len(tok(c, add_special_tokens=False)["input_ids"]) + 1 for c in commands)
-    assert shared_loss == pytest.approx(full_loss, rel=1e-5)
-    for a, b in zip(full_grads, shared_grads):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
-    assert any(g.abs().sum() > 0 for g in shared_grads)
-
-
 def test_sampling_is_seeded(tiny_model_dir):
     lm = load_tiny(tiny_model_dir)
     requests = ["Task: list files\nWrite only the ls command.", "Task: count lines\nWrite only the wc command."]
