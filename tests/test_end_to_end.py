@@ -120,6 +120,18 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     assert generated == 10 * 7
 
 
+def test_training_leaves_the_model_as_generation_expects_it(tiny_model_dir):
+    """Training switches the CPU to eager attention and dropout on; both are undone after it."""
+    lm = load_tiny(tiny_model_dir)
+    base = lm.model.get_base_model()
+    before = base.config._attn_implementation
+    task = isi.draw_tasks(isi.PENTEST_DOMAIN, 1, random.Random(0))[0]
+    result = isi.train_adapter(lm, isi.parse_config(["--model", str(tiny_model_dir)]), [(task, "nmap 10.0.0.1")] * 3, seed=0)
+    assert result["steps"] == 1 and not result["skipped"]
+    assert base.config._attn_implementation == before
+    assert not lm.model.training
+
+
 def test_sampling_is_seeded(tiny_model_dir):
     lm = load_tiny(tiny_model_dir)
     requests = ["Task: list files\nWrite only the ls command.", "Task: count lines\nWrite only the wc command."]
