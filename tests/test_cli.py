@@ -37,6 +37,8 @@ def test_help_documents_every_flag():
     (["--probe-tasks", "-1"], "--probe-tasks must be zero or positive"),
     (["--tasks-file", "/no/such/file.json"], "no such file"),
     (["--quantize", "4bit", "--device", "cpu"], "needs CUDA"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
+    (["--precision", "fp64"], "invalid choice"),
 ])
 def test_bad_values_are_one_line_errors(args, message, tmp_path):
     start = time.perf_counter()

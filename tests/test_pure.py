@@ -1,4 +1,5 @@
 """Unit tests for the pure functions: extraction, scoring, masking, tasks, configuration."""
+import json
 import random
 
 import pytest
@@ -196,3 +197,15 @@ def test_curve_reads_cycle_zero_from_the_initial_entry():
     history = {"probe_initial": {"mean_score": 0.1},
                "cycles": [{"cycle": 1, "probe": {"mean_score": 0.2}}, {"cycle": 2, "probe": {}}]}
     assert isi.curve(history, "probe", "mean_score", initial="probe_initial") == ([0, 1], [0.1, 0.2])
+
+
+def test_embedded_model_cache_drops_the_gguf_quantizer_marker(tmp_path, monkeypatch):
+    """Caches written by session 1 kept GGUF's quantization_config in config.json, which made
+    transformers attach a GGUF quantizer to plain weights; reading such a cache removes it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    target = tmp_path / "intrinsic-self-improvement" / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"")
+    (target / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
+    assert isi.embedded_model_dir() == target
+    assert json.loads((target / "config.json").read_text()) == {"model_type": "llama"}
