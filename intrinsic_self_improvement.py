@@ -412,15 +412,16 @@ FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)(?:```|$)", re.S)
 COMMAND_START = re.compile(r"[\w./~+-]+(\s|$)")
 
 
-def first_line_complete(text: str) -> bool:
-    """True once the text holds a finished non-empty line that is not a code fence: the point at
-    which a command (or a one-sentence task) is complete and generation can stop."""
-    return any(line.strip() and not line.strip().startswith("```") for line in text.split("\n")[:-1])
-
-
 def first_content_line(text: str) -> str:
     """The first non-empty line that is not a code fence, stripped; '' when there is none."""
     return next((ln.strip() for ln in text.split("\n") if ln.strip() and not ln.strip().startswith("```")), "")
+
+
+def first_line_complete(text: str) -> bool:
+    """True once the text holds a finished content line (first_content_line of the text before
+    its last newline): the point at which a command (or a one-sentence task) is complete and
+    generation can stop."""
+    return bool(first_content_line(text.rpartition("\n")[0]))
 
 
 def strip_wrapping(text: str) -> str:
@@ -1087,15 +1088,20 @@ def rounded(value: float | None, places: int = 4) -> float | None:
     return None if value is None else round(value, places)
 
 
-def pooled_correlations(records: list[dict]) -> dict:
-    """Spearman between intrinsic score and execution, over every evaluated command of a run."""
-    if not records:
-        return {}
+def score_correlations(records: list[dict]) -> dict:
+    """Spearman between the intrinsic score of evaluated commands and their execution success
+    and reward."""
     import nl2bash_eval
     scores = [r["score"] for r in records]
-    return {"eval_commands": len(records),
-            "eval_spearman_score_success": rounded(nl2bash_eval.spearman(scores, [float(r["success"]) for r in records])),
-            "eval_spearman_score_reward": rounded(nl2bash_eval.spearman(scores, [r["reward"] for r in records]))}
+    return {"spearman_score_success": rounded(nl2bash_eval.spearman(scores, [float(r["success"]) for r in records])),
+            "spearman_score_reward": rounded(nl2bash_eval.spearman(scores, [r["reward"] for r in records]))}
+
+
+def pooled_correlations(records: list[dict]) -> dict:
+    """score_correlations over every evaluated command of a run."""
+    if not records:
+        return {}
+    return {"eval_commands": len(records)} | {f"eval_{k}": v for k, v in score_correlations(records).items()}
 
 
 def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict],
@@ -1127,8 +1133,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
               "judge_s": round(judged.timing["invert_s"] + judged.timing["score_s"], 3)}
     summary = nl2bash_eval.summarize(results, items) | {
         "mean_intrinsic_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
-        "spearman_score_success": rounded(nl2bash_eval.spearman(scores, [float(r["success"]) for r in records])),
-        "spearman_score_reward": rounded(nl2bash_eval.spearman(scores, [r["reward"] for r in records])),
+        **score_correlations(records),
         "seconds": round(sum(timing.values()), 3), "timing": timing}
     print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
           f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact {summary['exact_match']:.3f}; "
