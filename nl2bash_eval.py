@@ -34,6 +34,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -128,35 +129,67 @@ def exact_match(command: str, references: list[str]) -> bool:
     return normalize_command(command) in {normalize_command(r) for r in references}
 
 
-class ParseTimeout(BaseException):
-    """Raised into bashlex by the tracer; a BaseException so no `except Exception` swallows it."""
+def parse_worker(connection) -> None:
+    """Serve command_structure requests until the parent closes the pipe. Ctrl-C is the
+    parent's to handle: a worker that printed its own KeyboardInterrupt would break the
+    one-line stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    connection.send("ready")
+    while True:
+        try:
+            command = connection.recv()
+        except EOFError:  # the parent is gone
+            return
+        connection.send(structure_in_process(command))
 
 
-def parse_bash(command: str):
-    """bashlex parse trees, or None when bashlex cannot parse the command in PARSE_TIMEOUT_S."""
-    import bashlex  # imported here so that importing this module costs nothing
+class BoundedParser:
+    """bashlex in a worker process. bashlex loops forever on a few malformed inputs ('${!'1),
+    and only a process can be stopped from outside whatever the loop is doing: an in-process
+    tracer or signal handler can be removed, delayed or swallowed. The worker lives across
+    calls (starting one costs ~0.2 s); a parse past PARSE_TIMEOUT_S kills it, and the next call
+    starts a new one. Thread-safe."""
 
-    if not command.strip():
-        return None
-    deadline = time.monotonic() + PARSE_TIMEOUT_S
+    def __init__(self, timeout_s: float = PARSE_TIMEOUT_S, start_timeout_s: float = 60.0):
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.lock = threading.Lock()
+        self.process = self.connection = None
 
-    # bashlex is pure Python, so a per-thread tracer can stop its rare endless loops; a
-    # signal-based timer would only work in the main thread.
-    def stop_at_deadline(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise ParseTimeout
-        return stop_at_deadline
+    def start(self) -> None:
+        import multiprocessing
+        # spawn, not fork: the parent may hold torch's thread pools, which a fork would copy broken
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe()
+        self.process = context.Process(target=parse_worker, args=(child_end,), daemon=True, name="bashlex")
+        self.process.start()
+        child_end.close()
+        self.connection = parent_end
+        # start-up is bounded separately: a busy machine may take seconds to start Python
+        if not (parent_end.poll(self.start_timeout_s) and parent_end.recv() == "ready"):
+            self.stop()
+            raise RuntimeError(f"the bashlex worker did not start in {self.start_timeout_s:.0f} s")
 
-    previous = sys.gettrace()
-    sys.settrace(stop_at_deadline)
-    try:
-        return bashlex.parse(command)
-    except ParseTimeout:
-        return None
-    except Exception:  # bashlex fails on malformed input with assorted internal errors
-        return None      # (ParsingError, NotImplementedError, AttributeError, TypeError seen)
-    finally:
-        sys.settrace(previous)
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join(timeout=10)
+            self.connection.close()
+        self.process = self.connection = None
+
+    def structure(self, command: str) -> list[tuple[str, frozenset]] | None:
+        """command_structure of the command, or None when bashlex fails or runs past the deadline."""
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self.stop()
+                self.start()
+            self.connection.send(command)
+            if self.connection.poll(self.timeout_s):
+                return self.connection.recv()
+            self.stop()
+            return None
+
+
+PARSER = BoundedParser()
 
 
 # Utilities whose options are whole words after one dash (find -name), not bundles of letters.
@@ -212,12 +245,18 @@ def split_invocations(words: list[str]) -> list[tuple[str, frozenset]]:
 
 def command_structure(command: str) -> list[tuple[str, frozenset]] | None:
     """Utilities in order of appearance (command substitutions and pipelines included), each
-    with its flag set; None when bashlex cannot parse the command."""
-    import bashlex
+    with its flag set; None when bashlex cannot parse the command within PARSE_TIMEOUT_S."""
+    return PARSER.structure(command) if command.strip() else None
 
-    trees = parse_bash(command)
-    if trees is None:
-        return None
+
+def structure_in_process(command: str) -> list[tuple[str, frozenset]] | None:
+    """command_structure without a deadline: only for the bounded worker process."""
+    import bashlex  # imported here so that importing this module costs nothing
+
+    try:
+        trees = bashlex.parse(command)
+    except Exception:  # bashlex fails on malformed input with assorted internal errors
+        return None      # (ParsingError, NotImplementedError, AttributeError, TypeError seen)
     simple_commands = []
 
     def visit(node):

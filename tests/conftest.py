@@ -39,3 +39,11 @@ def tiny_args(model_dir, output, *extra) -> list[str]:
 
 def read_progress(run_dir: Path) -> dict:
     return json.loads((run_dir / "progress.json").read_text())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "run_last: run after every other test of the session")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("run_last") is not None)  # stable: order kept otherwise

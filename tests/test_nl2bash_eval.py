@@ -1,10 +1,12 @@
 """nl2bash_eval: metrics with known answers, the scorer on real items, and the sandbox's
 containment (each hostile command is checked against the host afterwards)."""
+import concurrent.futures
 import importlib.metadata
 import math
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -95,15 +97,50 @@ def test_nlc2cmd_known_values():
     assert ne.nlc2cmd_score("ls -l -a", ["pwd", "ls -a"]) == pytest.approx(0.5)
 
 
+ENDLESS = "'${!'1"  # bashlex loops in _paramexpand on this one and never returns
+
+
+def bounded(call, limit_s):
+    """call(), and the seconds it took; fails if it took longer than limit_s."""
+    started = time.monotonic()
+    value = call()
+    seconds = time.monotonic() - started
+    assert seconds < limit_s, f"took {seconds:.1f} s, limit {limit_s} s"
+    return value
+
+
 def test_nlc2cmd_unparseable():
     assert ne.nlc2cmd_score('ls "', ["ls"]) == -1.0
     assert ne.nlc2cmd_score("", ["ls"]) == -1.0
-    started = time.monotonic()
-    assert ne.nlc2cmd_score("'${!'1", ["ls"]) == -1.0  # bashlex never returns on this one
-    assert time.monotonic() - started < 3 * ne.PARSE_TIMEOUT_S
+    ne.command_structure("ls")  # the worker is started: what follows times the parse alone
+    assert bounded(lambda: ne.nlc2cmd_score(ENDLESS, ["ls"]), 3 * ne.PARSE_TIMEOUT_S) == -1.0
     # bashlex cannot parse `time`: such a reference counts by exact equality only
     assert ne.nlc2cmd_score("time  echo 'hello'", ["time echo 'hello'"]) == 1.0
     assert ne.nlc2cmd_score("echo hello", ["time echo 'hello'"]) == -1.0
+
+
+def test_endless_parse_is_stopped_whatever_the_calling_process_does():
+    """The deadline cannot be defeated from inside: a tracer that swallows everything, a thread,
+    and the parse after a killed worker all still answer in time."""
+    previous = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: None)
+    try:
+        assert bounded(lambda: ne.command_structure(ENDLESS), 3 * ne.PARSE_TIMEOUT_S + 10) is None
+    finally:
+        sys.settrace(previous)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = bounded(lambda: list(pool.map(ne.command_structure, [ENDLESS, "ls -l", ENDLESS])),
+                          6 * ne.PARSE_TIMEOUT_S + 20)
+    assert results == [None, [("ls", frozenset({"-l"}))], None]
+    # the worker was killed: the next parse starts a new one and answers
+    assert bounded(lambda: ne.command_structure("grep -rn foo ."), 20) == [("grep", frozenset({"-r", "-n"}))]
+
+
+@pytest.mark.run_last
+def test_endless_parse_is_stopped_after_the_whole_suite():
+    """The hang this guards against appeared only after the rest of the suite had run."""
+    assert bounded(lambda: ne.nlc2cmd_score(ENDLESS, ["ls"]), 3 * ne.PARSE_TIMEOUT_S + 10) == -1.0
+    assert ne.command_structure("ls -a") == [("ls", frozenset({"-a"}))]
 
 
 def test_command_structure_counts_nested_commands():
