@@ -27,6 +27,7 @@ import importlib.metadata
 import json
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -129,18 +130,13 @@ def exact_match(command: str, references: list[str]) -> bool:
     return normalize_command(command) in {normalize_command(r) for r in references}
 
 
-def parse_worker(connection) -> None:
-    """Serve command_structure requests until the parent closes the pipe. Ctrl-C is the
-    parent's to handle: a worker that printed its own KeyboardInterrupt would break the
-    one-line stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    connection.send("ready")
-    while True:
-        try:
-            command = connection.recv()
-        except EOFError:  # the parent is gone
-            return
-        connection.send(structure_in_process(command))
+def parse_worker() -> None:
+    """Answer command_structure requests, one JSON line each way, until stdin closes."""
+    import bashlex  # noqa: F401  (imported before "ready", so the first parse is not slower)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        structure = structure_in_process(json.loads(line))
+        print(json.dumps(structure and [[utility, sorted(flags)] for utility, flags in structure]), flush=True)
 
 
 class BoundedParser:
@@ -148,45 +144,59 @@ class BoundedParser:
     and only a process can be stopped from outside whatever the loop is doing: an in-process
     tracer or signal handler can be removed, delayed or swallowed. The worker lives across
     calls (starting one costs ~0.2 s); a parse past PARSE_TIMEOUT_S kills it, and the next call
-    starts a new one. Thread-safe."""
+    starts a new one. It runs in a session of its own, so Ctrl-C reaches only the parent, and
+    it exits when the parent closes the pipe or dies. Thread-safe."""
 
     def __init__(self, timeout_s: float = PARSE_TIMEOUT_S, start_timeout_s: float = 60.0):
         self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
         self.lock = threading.Lock()
-        self.process = self.connection = None
+        self.process = None
 
     def start(self) -> None:
-        import multiprocessing
-        # spawn, not fork: the parent may hold torch's thread pools, which a fork would copy broken
-        context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe()
-        self.process = context.Process(target=parse_worker, args=(child_end,), daemon=True, name="bashlex")
-        self.process.start()
-        child_end.close()
-        self.connection = parent_end
-        # start-up is bounded separately: a busy machine may take seconds to start Python
-        if not (parent_end.poll(self.start_timeout_s) and parent_end.recv() == "ready"):
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); " \
+               "import nl2bash_eval; nl2bash_eval.parse_worker()"
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True, text=True)
+        # start-up is bounded on its own: a busy machine may take seconds to start Python
+        if self.answer(self.start_timeout_s) != "ready":
             self.stop()
             raise RuntimeError(f"the bashlex worker did not start in {self.start_timeout_s:.0f} s")
+
+    def answer(self, timeout_s: float) -> str | None:
+        """The worker's next line, or None when it has none within timeout_s."""
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        return self.process.stdout.readline().rstrip("\n") if readable else None
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.kill()
-            self.process.join(timeout=10)
-            self.connection.close()
-        self.process = self.connection = None
+            self.process.wait()
+            self.process.stdin.close()
+            self.process.stdout.close()
+        self.process = None
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
 
     def structure(self, command: str) -> list[tuple[str, frozenset]] | None:
         """command_structure of the command, or None when bashlex fails or runs past the deadline."""
         with self.lock:
-            if self.process is None or not self.process.is_alive():
+            if self.process is None or self.process.poll() is not None:
                 self.stop()
                 self.start()
-            self.connection.send(command)
-            if self.connection.poll(self.timeout_s):
-                return self.connection.recv()
-            self.stop()
-            return None
+            try:
+                self.send(command)
+            except BrokenPipeError:  # the worker died since the check: once more, with a new one
+                self.stop()
+                self.start()
+                self.send(command)
+            reply = self.answer(self.timeout_s)
+            if not reply:  # past the deadline (or the worker died): a fresh worker next time
+                self.stop()
+                return None
+            structure = json.loads(reply)
+            return structure and [(utility, frozenset(flags)) for utility, flags in structure]
 
 
 PARSER = BoundedParser()
