@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +30,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -133,6 +135,10 @@ def validate(cfg: Config) -> Config:
         raise UsageError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.tasks_file is not None and not Path(cfg.tasks_file).is_file():
         raise UsageError(f"--tasks-file: no such file: {cfg.tasks_file}")
+    if cfg.model != EMBEDDED_MODEL:
+        check_model_source(cfg.model, "--model")
+    if cfg.scorer == "embed" and cfg.embedder != EMBEDDED_EMBEDDER:
+        check_model_source(cfg.embedder, "--embedder")
     if cfg.quantize == "4bit" and cfg.device == "cpu":
         raise UsageError("--quantize 4bit needs CUDA; use --quantize none on the CPU")
     if cfg.precision == "fp16" and cfg.device == "cpu":
@@ -140,6 +146,24 @@ def validate(cfg: Config) -> Config:
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in {".", ".."}):
         raise UsageError(f"--name must be a plain folder name, got {cfg.name!r}")
     return cfg
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
+
+
+def check_model_source(value: str, flag: str) -> None:
+    """A local folder must hold a model (config.json); anything else must read as a hub id, which
+    only loading can check (the hub may be unreachable)."""
+    if not value.strip():
+        raise UsageError(f"{flag} must not be empty")
+    path = Path(value)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag} {value}: the folder holds no model (no config.json)")
+    elif path.exists():
+        raise UsageError(f"{flag} {value}: a file; give the model's folder or a hub id")
+    elif not HUB_ID.fullmatch(value) or ".." in value:
+        raise UsageError(f"{flag} {value}: no such folder")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -572,6 +596,17 @@ def resolve_device(cfg: Config) -> tuple[str, "torch.dtype", bool]:
     return device, dtypes.get(cfg.precision, auto), cfg.quantize in ("auto", "4bit")
 
 
+@contextlib.contextmanager
+def loading_errors_as_usage(flag: str, value: str):
+    """A model that cannot be loaded (not on the hub, hub unreachable, unknown architecture,
+    broken files) is the user's to fix: one line naming it, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())
+        raise UsageError(f"{flag} {value}: cannot load it ({reason[:300]})") from None
+
+
 @dataclass
 class LanguageModel:
     model: object  # a peft model: the base model with the run's LoRA adapter
@@ -597,8 +632,9 @@ def load_language_model(cfg: Config) -> LanguageModel:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": 0}
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with loading_errors_as_usage("--model", cfg.model):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not four_bit:
         model.to(device)
     if tokenizer.pad_token_id is None:
@@ -788,7 +824,8 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
 def load_embedder(cfg: Config, device: str):
     from sentence_transformers import SentenceTransformer
     path = embedded_embedder_dir() if cfg.embedder == EMBEDDED_EMBEDDER else cfg.embedder
-    return SentenceTransformer(str(path), device=device)
+    with loading_errors_as_usage("--embedder", cfg.embedder):
+        return SentenceTransformer(str(path), device=device)
 
 
 def embedding_scores(embedder, originals: list[str], reconstructions: list[str]) -> list[float]:
@@ -1082,6 +1119,8 @@ def evaluation_items(cfg: Config) -> list[dict] | None:
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"external evaluation off: {err}", flush=True)
         return None
+    except ValueError as err:
+        raise UsageError(f"--eval-limit: {err}") from None
 
 
 def rounded(value: float | None, places: int = 4) -> float | None:
@@ -1146,17 +1185,42 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
 # Run directory: progress, checkpoints, resume
 # ---------------------------------------------------------------------------------------------
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk: a power cut cannot then undo it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file or folder is written before it is renamed into place. A stopped run leaves at
+    most these behind, and a resume removes them (see leftovers)."""
+    return path.with_name(path.name + ".tmp")
+
+
+def commit(partial: Path, path: Path) -> None:
+    """Atomic and durable: a reader sees the old version or the new one, whole, even after a kill
+    or a power cut; never half of one."""
+    for written in [partial, *partial.rglob("*")] if partial.is_dir() else [partial]:
+        fsync_path(written)
+    os.replace(partial, path)
+    fsync_path(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    partial = partial_path(path)
+    partial.write_text(text)
+    commit(partial, path)
+
+
 def write_json(path: Path, data) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -1167,37 +1231,133 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.output) / (cfg.name or default_run_name(cfg))
 
 
+CYCLE_FILE = re.compile(r"(checkpoint|examples|eval|probe)_cycle_(\d+)(\.jsonl)?")
+
+
+def leftovers(run_dir: Path, last_completed: int) -> list[Path]:
+    """What a run stopped mid-cycle may have left: partial writes, and the files of cycles after
+    the last completed one (-1: none completed, cycle 0's probe included). progress.json is
+    written last in a cycle, so it alone says what is complete."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(path for path in run_dir.iterdir() if path.name.endswith(".tmp") or (
+        (match := CYCLE_FILE.fullmatch(path.name)) and int(match.group(2)) > last_completed))
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def read_progress(path: Path) -> dict:
+    """progress.json, checked for what a resume needs."""
+    try:
+        progress = json.loads(path.read_text())
+        history = progress["history"]
+        if not (isinstance(progress["last_completed_cycle"], int) and isinstance(history["cycles"], list)
+                and isinstance(history["config"], dict)):
+            raise ValueError("unexpected values")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSON and Unicode errors are ValueErrors
+        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); the run cannot go on from it: restore "
+                         f"the file, or start again with another --name") from None
+    return progress
+
+
+def check_safetensors(path: Path) -> None:
+    """The header is whole and the file as long as it says: catches empty and truncated files."""
+    with path.open("rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise ValueError("empty or truncated")
+        header = json.loads(file.read(int.from_bytes(head, "little")))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size != 8 + int.from_bytes(head, "little") + end:
+        raise ValueError(f"{path.stat().st_size} bytes, the header describes {8 + int.from_bytes(head, 'little') + end}")
+
+
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "pending_batch.jsonl", "pending_timing.json",
+                    "training_pool.jsonl")
+
+
+def check_checkpoint(run_dir: Path, cycle: int) -> None:
+    """Before any model loads: every file a resume after `cycle` reads is there and readable."""
+    checkpoint = run_dir / f"checkpoint_cycle_{cycle}"
+    what_to_do = (f"the run cannot go on after cycle {cycle} without it: restore it, or start again with "
+                  f"another --name")
+    if not checkpoint.is_dir():
+        raise UsageError(f"--resume: {checkpoint} is missing; {what_to_do}")
+    for name in CHECKPOINT_FILES:
+        path = checkpoint / name
+        try:
+            if name.endswith(".safetensors"):
+                check_safetensors(path)
+            elif name.endswith(".jsonl"):
+                read_jsonl(path)
+            else:
+                json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            problem = "missing" if not path.exists() else f"damaged ({type(err).__name__}: {err})"
+            raise UsageError(f"--resume: {path} is {problem}; {what_to_do}") from None
+
+
 def check_run_directory(cfg: Config, run_dir: Path) -> dict | None:
-    """Before any model loads: refuse to overwrite a run, refuse to resume a different experiment.
-    Returns the saved progress when resuming, else None."""
+    """Before any model loads: refuse to overwrite a run, refuse to resume a different experiment
+    or from damaged files. Returns the saved progress when resuming, else None.
+
+    A run stopped before its first cycle completed holds nothing to keep: the same command, or
+    --resume, starts it over."""
     progress_file = run_dir / "progress.json"
-    if not cfg.resume:
-        if progress_file.exists() or any(run_dir.glob("checkpoint_cycle_*")):
-            raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
-        return None
     if not progress_file.exists():
-        raise UsageError(f"--resume: no run to resume in {run_dir} (no progress.json)")
-    progress = json.loads(progress_file.read_text())
+        if cfg.resume and not leftovers(run_dir, -1):
+            raise UsageError(f"--resume: no run to resume in {run_dir} (no progress.json)")
+        return None
+    if not cfg.resume:
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
+    progress = read_progress(progress_file)
     saved = progress["history"]["config"]
     for key, value in experiment_settings(cfg).items():
         if saved.get(key) != value:
             raise UsageError(f"--resume: this run was made with {key}={saved.get(key)!r}, not {value!r}; "
                              f"resuming with a different {key} would change the experiment")
+    if progress["last_completed_cycle"] < cfg.cycles:
+        check_checkpoint(run_dir, progress["last_completed_cycle"])
     return progress
+
+
+def prepare_run_directory(run_dir: Path, last_completed: int) -> None:
+    """Create the folder (and show it can be written) before any model loads, and remove what a
+    stopped cycle left, so nothing half-written is ever read."""
+    stale = leftovers(run_dir, last_completed)
+    if stale and last_completed < 0:
+        print(f"note: {run_dir} holds a run stopped before its first cycle completed; starting it over", flush=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove(stale)
+        write_text(run_dir / ".writable", "")
+        (run_dir / ".writable").unlink()
+    except OSError as err:
+        raise UsageError(f"--output: cannot write the run directory {run_dir} ({err.strerror or err})") from None
 
 
 def save_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int, pending: Stage, pool: list[dict]) -> None:
     """Adapter (loadable with peft), the already-generated batch the next cycle trains on, and the
     training pool (--data cumulative); written under a temporary name and renamed once complete."""
     final = run_dir / f"checkpoint_cycle_{cycle}"
-    partial = run_dir / f"checkpoint_cycle_{cycle}.tmp"
+    partial = partial_path(final)
     shutil.rmtree(partial, ignore_errors=True)
-    lm.model.save_pretrained(partial)
+    try:
+        lm.model.save_pretrained(partial)
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        if "No space left" in str(err) or "StorageFull" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial)) from err
+        raise
     write_jsonl(partial / "pending_batch.jsonl", pending.records)
     write_json(partial / "pending_timing.json", pending.timing)
     write_jsonl(partial / "training_pool.jsonl", pool)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
+    commit(partial, final)
 
 
 def load_checkpoint(lm: LanguageModel, run_dir: Path, cycle: int) -> tuple[Stage, list[dict]]:
@@ -1285,10 +1445,10 @@ def plot_progress(history: dict, path: Path) -> None:
     twin.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{history['config']['model']} | {history['config']['scorer']} scorer | select "
                  f"{history['config'].get('select', 'threshold')} | seed {history['config']['seed']}")
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    partial = partial_path(path)
+    fig.savefig(partial, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    commit(partial, path)
 
 
 def load_run(run_dir: str) -> dict:
@@ -1403,6 +1563,8 @@ def run(cfg: Config) -> dict:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
               f"(raise --cycles to continue)")
         return saved
+    prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
+    eval_items = evaluation_items(cfg)
 
     if cfg.model == EMBEDDED_MODEL:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1414,7 +1576,6 @@ def run(cfg: Config) -> dict:
     embedder = load_embedder(cfg, lm.device) if cfg.scorer == "embed" else None
     print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s", flush=True)
     print(f"run directory {run_dir}", flush=True)
-    eval_items = evaluation_items(cfg)
 
     def new_batch(index: int) -> Stage:
         """Fresh tasks (never probe tasks), `--candidates` sampled commands each, judged."""
@@ -1452,7 +1613,6 @@ def run(cfg: Config) -> dict:
         return summary, records
 
     if saved is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
                    "compute": {"device": lm.device, "dtype": lm.dtype}}
         print("cycle 0 (before any training)", flush=True)
@@ -1550,8 +1710,20 @@ def run(cfg: Config) -> dict:
 # main
 # ---------------------------------------------------------------------------------------------
 
+def where_it_stopped(cfg: Config, argv: list[str], action: str) -> str:
+    """What is saved, read from the run directory itself, and how to go on from it."""
+    try:
+        last = json.loads((run_directory(cfg) / "progress.json").read_text())["last_completed_cycle"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"before any cycle completed; {action}run the same command to start again"
+    resume = [] if cfg.resume else ["--resume"]
+    return (f"after cycle {last}, saved in {run_directory(cfg)}; {action}continue with: "
+            f"python intrinsic_self_improvement.py {shlex.join(argv + resume)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         if argv[:1] == ["compare"]:
             parser = OneLineParser(prog="intrinsic_self_improvement.py compare",
@@ -1561,9 +1733,21 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv[1:])
             print(compare_runs(args.run_dirs, Path(args.plot)))
         else:
-            run(parse_config(argv))
+            cfg = parse_config(argv)
+            run(cfg)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C {where_it_stopped(cfg, argv, '') if cfg else 'before the run began'}",
+              file=sys.stderr)
+        return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or cfg is None:
+            raise
+        writing = f"(writing {err.filename}) " if err.filename else ""
+        print(f"error: no space left on the device {writing}{where_it_stopped(cfg, argv, 'free some, then ')}",
+              file=sys.stderr)
         return 2
     return 0
 

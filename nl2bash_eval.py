@@ -108,10 +108,10 @@ def load_items(limit: int | None = None) -> list[dict]:
         for index, record in enumerate(records):
             items.append({"id": f"fs{group}-{index:03d}", "group": group, "query": record["query"],
                           "gold": record["gold"], "gold2": record["gold2"], "difficulty": record["difficulty"]})
-    if limit is None or limit >= len(items):
+    if limit is None or limit == len(items):
         return items
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+    if not 1 <= limit <= len(items):
+        raise ValueError(f"the limit must be between 1 and the {len(items)} items there are, got {limit}")
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
@@ -790,7 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="commands run in parallel")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
     args = parser.parse_args(argv)
-    items = load_items(args.limit)
+    try:
+        items = load_items(args.limit)
+    except ValueError as error:
+        parser.error(f"--limit: {error}")
     try:
         evaluator = Evaluator(items, workers=args.workers, timeout_s=args.timeout)
     except SandboxUnavailable as error:

@@ -68,9 +68,10 @@ def test_items_fixed_order_and_spread_subset(items):
     subset = ne.load_items(limit=20)
     assert subset == ne.load_items(limit=20) == [items[i * 300 // 20] for i in range(20)]
     assert {item["group"] for item in subset} == {1, 2, 3, 4, 5}
-    assert ne.load_items(limit=1000) == items
-    with pytest.raises(ValueError):
-        ne.load_items(limit=0)
+    assert ne.load_items(limit=300) == items
+    for past_what_exists in (0, 301, 100_000):
+        with pytest.raises(ValueError, match="between 1 and the 300 items"):
+            ne.load_items(limit=past_what_exists)
 
 
 # ---------------------------------------------------------------------------------------------
