@@ -34,6 +34,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1553,6 +1554,27 @@ def log_stage(label: str, stage: Stage, summary: dict) -> None:
           f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s", flush=True)
 
 
+def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
+    """self_improvement_results.json: the run's headline figures, from its history and evaluations."""
+    last = history["cycles"][-1]
+    evaluated = [r for path in sorted(run_dir.glob("eval_cycle_*.jsonl")) for r in read_jsonl(path)]
+    results = {"finished": datetime.now(timezone.utc).isoformat(), "cycles": last["cycle"],
+               "probe_initial": history["probe_initial"].get("mean_score"),
+               "probe_final": last["probe"].get("mean_score"),
+               "frozen_probe_initial": history["probe_initial"].get("frozen_mean_score"),
+               "frozen_probe_final": last["probe"].get("frozen_mean_score"),
+               "before_first": history["cycles"][0]["before"]["mean_score"],
+               "after_last": last["after"]["mean_score"],
+               "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
+               "eval_success_final": (last.get("eval") or {}).get("success_rate"),
+               **pooled_correlations(evaluated),
+               "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
+               "wall_s_this_invocation": None if wall_s is None else round(wall_s, 1),
+               "config": history["config"]}
+    write_json(run_dir / "self_improvement_results.json", results)
+    return results
+
+
 def run(cfg: Config) -> dict:
     run_dir = run_directory(cfg)
     saved = check_run_directory(cfg, run_dir)
@@ -1562,6 +1584,9 @@ def run(cfg: Config) -> dict:
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
               f"(raise --cycles to continue)")
+        if not (run_dir / "self_improvement_results.json").exists():  # stopped while writing it
+            prepare_run_directory(run_dir, saved["last_completed_cycle"])
+            write_results(run_dir, saved["history"], wall_s=None)
         return saved
     prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
     eval_items = evaluation_items(cfg)
@@ -1570,6 +1595,8 @@ def run(cfg: Config) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.manual_seed(cfg.seed)
+    # peft asks transformers for a renamed attribute at every training step; stderr stays for our errors
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     print("config " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     started = time.perf_counter()
     lm = load_language_model(cfg)
@@ -1684,22 +1711,7 @@ def run(cfg: Config) -> dict:
         pending = after_stage
         print(f"  cycle {cycle} done in {time.perf_counter() - cycle_start:.1f}s", flush=True)
 
-    last = history["cycles"][-1]
-    evaluated = [r for path in sorted(run_dir.glob("eval_cycle_*.jsonl")) for r in read_jsonl(path)]
-    results = {"finished": datetime.now(timezone.utc).isoformat(), "cycles": cfg.cycles,
-               "probe_initial": history["probe_initial"].get("mean_score"),
-               "probe_final": last["probe"].get("mean_score"),
-               "frozen_probe_initial": history["probe_initial"].get("frozen_mean_score"),
-               "frozen_probe_final": last["probe"].get("frozen_mean_score"),
-               "before_first": history["cycles"][0]["before"]["mean_score"],
-               "after_last": last["after"]["mean_score"],
-               "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
-               "eval_success_final": (last.get("eval") or {}).get("success_rate"),
-               **pooled_correlations(evaluated),
-               "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
-               "wall_s_this_invocation": round(time.perf_counter() - started, 1),
-               "config": history["config"]}
-    write_json(run_dir / "self_improvement_results.json", results)
+    results = write_results(run_dir, history, wall_s=time.perf_counter() - started)
     print(f"done: probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
           f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), batch score "
           f"{results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
@@ -1745,8 +1757,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT) or cfg is None:
             raise
-        writing = f"(writing {err.filename}) " if err.filename else ""
-        print(f"error: no space left on the device {writing}{where_it_stopped(cfg, argv, 'free some, then ')}",
+        writing = f" (writing {err.filename})" if err.filename else ""
+        print(f"error: no space left on the device{writing}; stopped {where_it_stopped(cfg, argv, 'free some, then ')}",
               file=sys.stderr)
         return 2
     return 0

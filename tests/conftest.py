@@ -41,6 +41,18 @@ def read_progress(run_dir: Path) -> dict:
     return json.loads((run_dir / "progress.json").read_text())
 
 
+def figures(progress: dict) -> list:
+    """Everything a run measured, less wall-clock timings."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()
+                    if k not in {"timing", "seconds", "train_s", "train_tokens_per_s"}}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return strip(progress["history"])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "run_last: run after every other test of the session")
 

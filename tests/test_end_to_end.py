@@ -6,23 +6,11 @@ import random
 import pytest
 import torch
 
-from conftest import read_progress, tiny_args
+from conftest import figures, read_progress, tiny_args
 
 import intrinsic_self_improvement as isi
 
 PUBLISHED_BATCH_KEYS = {"total_generated", "accepted", "acceptance_rate", "mean_score"}
-
-
-def figures(progress: dict) -> list:
-    """Everything a run measured, less wall-clock timings."""
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()
-                    if k not in {"timing", "seconds", "train_s", "train_tokens_per_s"}}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-    return strip(progress["history"])
 
 
 def test_tiny_run_writes_the_run_directory(tiny_model_dir, tmp_path):
