@@ -1258,9 +1258,10 @@ def read_progress(path: Path) -> dict:
     try:
         progress = json.loads(path.read_text())
         history = progress["history"]
-        if not (isinstance(progress["last_completed_cycle"], int) and isinstance(history["cycles"], list)
-                and isinstance(history["config"], dict)):
-            raise ValueError("unexpected values")
+        if not isinstance(history["config"], dict):
+            raise ValueError("history.config is not an object")
+        if [c["cycle"] for c in history["cycles"]] != list(range(1, progress["last_completed_cycle"] + 1)):
+            raise ValueError(f"history.cycles does not run from 1 to {progress['last_completed_cycle']}")
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSON and Unicode errors are ValueErrors
         raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); the run cannot go on from it: restore "
                          f"the file, or start again with another --name") from None

@@ -82,8 +82,9 @@ def test_existing_run_is_never_overwritten_and_resume_checks_the_experiment(tmp_
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     config = isi.experiment_settings(isi.parse_config([]))
-    progress = {"last_completed_cycle": 1, "timestamp": "t", "history": {"cycles": [], "config": config}}
+    progress = {"last_completed_cycle": 1, "timestamp": "t", "history": {"cycles": [{"cycle": 1}], "config": config}}
     (run_dir / "progress.json").write_text(json.dumps(progress))
+    (run_dir / "self_improvement_results.json").write_text("{}")  # a finished run
     before = (run_dir / "progress.json").read_text()
 
     result = cli("--output", str(tmp_path), "--name", "r")
@@ -99,3 +100,50 @@ def test_existing_run_is_never_overwritten_and_resume_checks_the_experiment(tmp_
     result = cli("--output", str(tmp_path), "--name", "r", "--resume", "--cycles", "1")
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert (run_dir / "progress.json").read_text() == before
+
+
+def refuse_model_loading(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(isi, "load_language_model", never)
+    monkeypatch.setattr(isi, "load_embedder", never)
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+    (["--model", "./models/mine"], "--model ./models/mine: no such folder"),
+    (["--model", "{folder}"], "the folder holds no model \\(no config.json\\)"),
+    (["--model", "{file}"], "a file; give the model's folder or a hub id"),
+    (["--model", ""], "--model must not be empty"),
+    (["--embedder", "/no/such/embedder"], "--embedder /no/such/embedder: no such folder"),
+    (["--output", "{file}/runs"], "--output: cannot write the run directory .*Not a directory"),
+    (["--output", "/proc/1/no-such/runs"], "--output: cannot write the run directory"),
+    (["--eval", "nl2bash", "--eval-limit", "100000"], "--eval-limit: the limit must be between 1 and the 300 items"),
+    (["--eval", "nl2bash", "--eval-limit", "301"], "--eval-limit: .*got 301"),
+])
+def test_bad_paths_and_values_are_one_line_errors_before_any_model_loads(args, message, tmp_path, capsys,
+                                                                        monkeypatch):
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "a_file").write_text("not a model")
+    args = [a.format(folder=tmp_path / "empty_folder", file=tmp_path / "a_file") for a in args]
+    if "--output" not in args:
+        args += ["--output", str(tmp_path / "out")]
+    refuse_model_loading(monkeypatch)
+    assert isi.main(args) == 2
+    assert pytest.importorskip("re").search(message, one_line_error(capsys))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_a_model_that_cannot_be_loaded_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    """A hub id while the hub is unreachable, an embedder that is not one: named, no traceback."""
+    assert isi.main(["--model", "nobody/no-such-model", "--output", str(tmp_path)]) == 2
+    assert "--model nobody/no-such-model: cannot load it" in one_line_error(capsys)
+    assert isi.main(["--model", str(tiny_model_dir), "--embedder", "nobody/no-such-embedder",
+                     "--output", str(tmp_path)]) == 2
+    assert "--embedder nobody/no-such-embedder: cannot load it" in one_line_error(capsys)
