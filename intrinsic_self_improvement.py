@@ -1274,10 +1274,11 @@ def check_safetensors(path: Path) -> None:
         head = file.read(8)
         if len(head) < 8:
             raise ValueError("empty or truncated")
-        header = json.loads(file.read(int.from_bytes(head, "little")))
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size != 8 + int.from_bytes(head, "little") + end:
-        raise ValueError(f"{path.stat().st_size} bytes, the header describes {8 + int.from_bytes(head, 'little') + end}")
+        header_bytes = int.from_bytes(head, "little")
+        header = json.loads(file.read(header_bytes))
+    data_bytes = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size != 8 + header_bytes + data_bytes:
+        raise ValueError(f"{path.stat().st_size} bytes, the header describes {8 + header_bytes + data_bytes}")
 
 
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "pending_batch.jsonl", "pending_timing.json",
