@@ -65,7 +65,7 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue the run in its directory from its last completed cycle"})
     device: str = field(default="auto", metadata={"help": "where the model runs", "choices": ["auto", "cpu", "cuda"]})
     precision: str = field(default="auto", metadata={"help": "compute dtype: auto is bf16 on GPUs that have it (else fp16) and on CPUs with bf16 matrix units (AMX), fp32 on other CPUs", "choices": ["auto", "fp32", "bf16", "fp16"]})
-    quantize: str = field(default="auto", metadata={"help": "4bit: NF4 + double quantisation (CUDA only); auto: 4bit on CUDA, none on CPU", "choices": ["auto", "4bit", "none"]})
+    quantize: str = field(default="auto", metadata={"help": "4bit: QLoRA, NF4 weights with double quantisation (bitsandbytes; on the CPU too); auto: 4bit on CUDA, none on the CPU", "choices": ["auto", "4bit", "none"]})
     scorer: str = field(default="embed", metadata={"help": "embed: MiniLM cosine; mix: published word/difflib/self-rating mix; lexical: mix without the rating", "choices": ["embed", "mix", "lexical"]})
     domain: str = field(default="pentest", metadata={"help": "built-in task domain: pentest (published) or bash (files and text)", "choices": ["pentest", "bash"]})
     tasks_file: str | None = field(default=None, metadata={"help": "JSON file with your own task domain (format in README.md); replaces --domain"})
@@ -140,8 +140,6 @@ def validate(cfg: Config) -> Config:
         check_model_source(cfg.model, "--model")
     if cfg.scorer == "embed" and cfg.embedder != EMBEDDED_EMBEDDER:
         check_model_source(cfg.embedder, "--embedder")
-    if cfg.quantize == "4bit" and cfg.device == "cpu":
-        raise UsageError("--quantize 4bit needs CUDA; use --quantize none on the CPU")
     if cfg.precision == "fp16" and cfg.device == "cpu":
         raise UsageError("--precision fp16 is for GPUs; use bf16 or fp32 on the CPU")
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in {".", ".."}):
@@ -579,7 +577,8 @@ def cpu_has_bf16_matrix_units() -> bool:
 
 def resolve_device(cfg: Config) -> tuple[str, "torch.dtype", bool]:
     """One place decides device, dtype and quantisation: CUDA when asked or available, 4-bit NF4
-    on CUDA unless --quantize none, and the compute dtype of --precision (see its help)."""
+    on CUDA unless --quantize none (on the CPU only when asked: bitsandbytes' CPU backend runs the
+    same code path, far slower than plain weights), and the compute dtype of --precision."""
     import torch
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
@@ -587,14 +586,33 @@ def resolve_device(cfg: Config) -> tuple[str, "torch.dtype", bool]:
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device == "cpu":
-        if cfg.quantize == "4bit":
-            raise UsageError("--quantize 4bit needs CUDA; this run is on the CPU")
         if cfg.precision == "fp16":
             raise UsageError("--precision fp16 is for GPUs; this run is on the CPU")
         auto = torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
-        return device, dtypes.get(cfg.precision, auto), False
+        return device, dtypes.get(cfg.precision, auto), cfg.quantize == "4bit"
     auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return device, dtypes.get(cfg.precision, auto), cfg.quantize in ("auto", "4bit")
+
+
+def check_bitsandbytes() -> None:
+    """--quantize 4bit needs bitsandbytes: missing or broken, one line naming it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # a broken install fails in assorted ways (missing libraries, CUDA set-up)
+        raise UsageError(f"--quantize 4bit needs the package bitsandbytes==0.50.2, which cannot be imported "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); pip install "
+                         f"bitsandbytes==0.50.2") from None
+
+
+def keep_cpu_4bit_weights_trainable(model) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 kernel at the first eval-mode forward,
+    and that kernel has no backward: training after generation then drops the gradient through
+    every base layer (torch warns "may lead to silently incorrect behavior"), on some CPUs only.
+    Keep the one layout every CPU and the GPU use."""
+    import bitsandbytes
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 @contextlib.contextmanager
@@ -613,12 +631,17 @@ class LanguageModel:
     model: object  # a peft model: the base model with the run's LoRA adapter
     tokenizer: object
     device: str
-    dtype: str  # compute dtype of the base weights, e.g. "bfloat16"
+    dtype: str  # compute dtype, e.g. "bfloat16"
+    weights: str  # how the base weights are stored: "nf4" (4-bit) or the compute dtype
     newline_ids: frozenset  # token ids whose text contains a newline
     stop_ids: frozenset  # token ids that end a sequence
 
 
 def load_language_model(cfg: Config) -> LanguageModel:
+    import logging
+    # bitsandbytes (imported by peft when installed) looks for optional CPU kernels on the model
+    # hub when it is imported on CPUs with AVX512-BF16, and warns that it found none
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -628,16 +651,19 @@ def load_language_model(cfg: Config) -> LanguageModel:
     source = embedded_model_dir() if cfg.model == EMBEDDED_MODEL else cfg.model
     kwargs = {"dtype": dtype}
     if four_bit:
+        check_bitsandbytes()
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
     with loading_errors_as_usage("--model", cfg.model):
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not four_bit:
         model.to(device)
+    elif device == "cpu":
+        keep_cpu_4bit_weights_trainable(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -651,14 +677,16 @@ def load_language_model(cfg: Config) -> LanguageModel:
     newline_ids = frozenset(i for i, piece in enumerate(pieces) if "\n" in piece)
     eos = model.generation_config.eos_token_id
     stop_ids = frozenset([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) - {None}
-    return LanguageModel(model, tokenizer, device, str(dtype).removeprefix("torch."), newline_ids, stop_ids)
+    compute = str(dtype).removeprefix("torch.")
+    return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids)
 
 
 def describe_model(lm: LanguageModel, cfg: Config) -> str:
     trainable = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in lm.model.parameters())
-    dtype = next(p for p in lm.model.parameters() if not p.requires_grad).dtype
-    return (f"model {cfg.model} on {lm.device}, weights {dtype}, {total / 1e6:.1f}M parameters, "
+    import torch
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in lm.model.parameters())  # 4 bits: 2 a byte
+    weights = "4-bit NF4 (double quantisation)" if lm.weights == "nf4" else lm.weights
+    return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}, {total / 1e6:.1f}M parameters, "
             f"LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")
 
 
@@ -1643,7 +1671,7 @@ def run(cfg: Config) -> dict:
 
     if saved is None:
         history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
-                   "compute": {"device": lm.device, "dtype": lm.dtype}}
+                   "compute": {"device": lm.device, "dtype": lm.dtype, "weights": lm.weights}}
         print("cycle 0 (before any training)", flush=True)
         history["probe_initial"], records = probe(0)
         write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
@@ -1654,9 +1682,11 @@ def run(cfg: Config) -> dict:
     else:
         history = saved["history"]
         before = history.get("compute", {})
-        if before and before != {"device": lm.device, "dtype": lm.dtype}:
-            print(f"note: cycles so far ran on {before['device']} in {before['dtype']}; these run on "
-                  f"{lm.device} in {lm.dtype}", flush=True)
+        now = {"device": lm.device, "dtype": lm.dtype, "weights": lm.weights}
+        if any(before.get(key, now[key]) != now[key] for key in now):
+            print(f"note: cycles so far ran on {before['device']} in {before['dtype']} (weights "
+                  f"{before.get('weights', before['dtype'])}); these run on {lm.device} in {lm.dtype} (weights "
+                  f"{lm.weights})", flush=True)
         first_cycle = saved["last_completed_cycle"] + 1
         pending, pool = load_checkpoint(lm, run_dir, first_cycle - 1)
         print(f"resuming {run_dir} after cycle {first_cycle - 1}", flush=True)

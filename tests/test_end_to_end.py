@@ -198,3 +198,74 @@ def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir
     assert "eval    skipped:" in out and len([l for l in out.splitlines() if "skipped:" in l]) == 2
     history = read_progress(tmp_path / "nobox")["history"]
     assert history["eval_initial"] is None and history["cycles"][0]["eval"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-bit QLoRA on the CPU (bitsandbytes' CPU backend: the code path a GPU runs)
+# ---------------------------------------------------------------------------------------------
+
+def test_four_bit_run_resumes_like_a_straight_run_and_trains_every_layer(tiny_model_dir, tmp_path):
+    four_bit = ("--quantize", "4bit")
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "straight", *four_bit)) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "split", *four_bit)) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "split", "--resume", *four_bit)) == 0
+    straight, split = read_progress(tmp_path / "straight"), read_progress(tmp_path / "split")
+    assert straight["history"]["compute"]["weights"] == "nf4"
+    assert figures(split) == figures(straight)
+
+
+def test_four_bit_gradients_are_the_same_after_generation(tiny_model_dir):
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 kernel at an eval-mode forward, and
+    that kernel has no backward: on such CPUs, training after generation would silently lose the
+    gradient through every 4-bit layer. The loader keeps one layout, so generating changes nothing."""
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--quantize", "4bit", "--lora-dropout", "0"])
+    lm = isi.load_language_model(cfg)
+    for name, param in lm.model.named_parameters():
+        if "lora_B" in name:  # lora_B starts at zero, which would hide the base layers' gradient
+            torch.nn.init.normal_(param, std=0.1)
+    pairs = [(isi.Task("List the files in /tmp"), "ls -la /tmp"), (isi.Task("Count lines in a.txt"), "wc -l a.txt")]
+    batch = isi.collate([isi.training_example(lm.tokenizer(isi.chat_prompt(lm.tokenizer, isi.command_request(t)),
+                                                           add_special_tokens=False)["input_ids"],
+                                              lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for t, c in pairs],
+                        lm.tokenizer.pad_token_id)
+
+    def lora_gradients():
+        lm.model.train()
+        lm.model.zero_grad()
+        isi.completion_loss(lm.model, batch)[0].backward()
+        lm.model.eval()
+        return {n: p.grad.clone() for n, p in lm.model.named_parameters() if "lora_" in n}
+
+    before = lora_gradients()
+    isi.generate(lm, ["List the files in /tmp"], temperature=0, max_new_tokens=4, stop_at_line=True, batch_size=4,
+                 seed=0, desc="generate")
+    after = lora_gradients()
+    assert before.keys() == after.keys() and len(before) == 16
+    for name in before:
+        assert torch.allclose(before[name], after[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_four_bit_adapter_loads_onto_the_unquantised_base(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "q", "--quantize", "4bit")) == 0
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      tmp_path / "q" / "checkpoint_cycle_1")
+    trained = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(trained) == 8 and all(p.abs().sum() > 0 for p in trained)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_four_bit_without_bitsandbytes_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--quantize", "4bit")) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--quantize 4bit needs the package bitsandbytes==0.50.2" in error[0]
