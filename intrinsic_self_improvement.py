@@ -427,6 +427,12 @@ def chat_prompt(tokenizer, request: str) -> str:
     return f"{request}\n"
 
 
+def prompt_ids(tokenizer, request: str) -> list[int]:
+    """The tokens a request is answered from: the chat format's text and nothing added on top (a
+    template that writes BOS into the text, as Mistral's does, would otherwise get two)."""
+    return tokenizer(chat_prompt(tokenizer, request), add_special_tokens=False)["input_ids"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading model output (pure)
 # ---------------------------------------------------------------------------------------------
@@ -827,7 +833,7 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
     from tqdm import tqdm
     start = time.perf_counter()
     tok = lm.tokenizer
-    encoded = [tok(chat_prompt(tok, r), add_special_tokens=False)["input_ids"] for r in requests]
+    encoded = [prompt_ids(tok, r) for r in requests]
     order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // copies)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
@@ -1060,6 +1066,12 @@ def training_example(prompt_ids: list[int], completion_ids: list[int]) -> dict:
     return {"input_ids": prompt_ids + completion_ids, "labels": [-100] * len(prompt_ids) + completion_ids}
 
 
+def command_example(tokenizer, task: Task, command: str) -> dict:
+    """Exactly the prompt the command was generated from, then the command, then EOS."""
+    return training_example(prompt_ids(tokenizer, command_request(task)),
+                            tokenizer(command, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad to the longest example in the batch (dynamic padding); padding is masked out of
     attention and out of the loss (-100), whatever the pad id is (it is often the EOS id)."""
@@ -1099,9 +1111,7 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     tok, model = lm.tokenizer, lm.model
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    examples = [training_example(tok(chat_prompt(tok, command_request(task)), add_special_tokens=False)["input_ids"],
-                                 tok(command, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-                for task, command in pairs]
+    examples = [command_example(tok, task, command) for task, command in pairs]
     rng.shuffle(examples)
     batches = [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     params = [p for p in model.parameters() if p.requires_grad]

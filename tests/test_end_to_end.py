@@ -96,7 +96,7 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     lm = load_tiny(tiny_model_dir)
     tok = lm.tokenizer
     tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True)
-    prompts = [tok(isi.chat_prompt(tok, isi.command_request(t)), add_special_tokens=False)["input_ids"] for t in tasks]
+    prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
     ours, generated = isi.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
                                        stop_at_line=False, generator=None)
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
@@ -224,10 +224,7 @@ def test_four_bit_gradients_are_the_same_after_generation(tiny_model_dir):
         if "lora_B" in name:  # lora_B starts at zero, which would hide the base layers' gradient
             torch.nn.init.normal_(param, std=0.1)
     pairs = [(isi.Task("List the files in /tmp"), "ls -la /tmp"), (isi.Task("Count lines in a.txt"), "wc -l a.txt")]
-    batch = isi.collate([isi.training_example(lm.tokenizer(isi.chat_prompt(lm.tokenizer, isi.command_request(t)),
-                                                           add_special_tokens=False)["input_ids"],
-                                              lm.tokenizer(c, add_special_tokens=False)["input_ids"]) for t, c in pairs],
-                        lm.tokenizer.pad_token_id)
+    batch = isi.collate([isi.command_example(lm.tokenizer, t, c) for t, c in pairs], lm.tokenizer.pad_token_id)
 
     def lora_gradients():
         lm.model.train()
