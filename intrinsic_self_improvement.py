@@ -68,7 +68,7 @@ class Config:
     quantize: str = field(default="auto", metadata={"help": "4bit: QLoRA, NF4 weights with double quantisation (bitsandbytes; on the CPU too); auto: 4bit on CUDA, none on the CPU", "choices": ["auto", "4bit", "none"]})
     scorer: str = field(default="embed", metadata={"help": "embed: MiniLM cosine; mix: published word/difflib/self-rating mix; lexical: mix without the rating", "choices": ["embed", "mix", "lexical"]})
     domain: str = field(default="pentest", metadata={"help": "built-in task domain: pentest (published) or bash (files and text)", "choices": ["pentest", "bash"]})
-    tasks_file: str | None = field(default=None, metadata={"help": "JSON file with your own task domain (format in README.md); replaces --domain"})
+    tasks_file: str | None = field(default=None, metadata={"help": "your own tasks, replacing --domain: a JSON domain of templates, a table of plain tasks (.jsonl, .csv, .parquet with a 'task' and an optional 'tool' column), or a hub dataset id (format in README.md)"})
     probe_tasks: int = field(default=20, metadata={"help": "fixed probe tasks, drawn once, never trained on, scored greedily every cycle"})
     select: str = field(default="threshold", metadata={"help": "threshold: train on accepted candidates (published); all: on every candidate; random: on a random subset of the size threshold would keep", "choices": ["threshold", "all", "random"]})
     data: str = field(default="cycle", metadata={"help": "cycle: train on this cycle's selection (published); cumulative: on every selection so far", "choices": ["cycle", "cumulative"]})
@@ -134,7 +134,8 @@ def validate(cfg: Config) -> Config:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise UsageError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.tasks_file is not None and not Path(cfg.tasks_file).is_file():
+    if cfg.tasks_file is not None and not Path(cfg.tasks_file).is_file() and (
+            Path(cfg.tasks_file).suffix in {".json", *TABLE_FORMATS} or not HUB_ID.fullmatch(cfg.tasks_file)):
         raise UsageError(f"--tasks-file: no such file: {cfg.tasks_file}")
     if cfg.model != EMBEDDED_MODEL:
         check_model_source(cfg.model, "--model")
@@ -370,9 +371,46 @@ def check_domain(domain, source: str) -> dict:
     return domain
 
 
+TABLE_FORMATS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # file suffix -> datasets builder
+
+
+def load_task_table(source: str) -> dict:
+    """A table of plain tasks as a domain: the 'task' column, and 'tool' where there is one. No other
+    column is read (a table may hold commands or labels: the loop must never see them)."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its failures are reported below
+    path = Path(source)
+    try:
+        if path.is_file():
+            table = datasets.load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
+        else:
+            table = datasets.load_dataset(source, split="train")
+    except Exception as err:  # datasets, pyarrow and the hub client fail on bad input with many error types
+        while err.__cause__ is not None:  # datasets wraps the parser's error, which says what is wrong
+            err = err.__cause__
+        raise UsageError(f"--tasks-file {source}: cannot read it as a table of tasks ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:300]})") from None
+    if "task" not in table.column_names:
+        raise UsageError(f"--tasks-file {source}: no 'task' column (columns: {', '.join(table.column_names)})")
+    if len(table) == 0:
+        raise UsageError(f"--tasks-file {source}: the table has no rows")
+    tools = table["tool"] if "tool" in table.column_names else [None] * len(table)
+    templates = []
+    for row, (task, tool) in enumerate(zip(table["task"], tools), start=1):
+        if not isinstance(task, str) or not task.strip():
+            raise UsageError(f"--tasks-file {source}: row {row}: 'task' must be non-empty text, got {task!r}")
+        if tool is not None and not isinstance(tool, str):
+            raise UsageError(f"--tasks-file {source}: row {row}: 'tool' must be text or empty, got {tool!r}")
+        templates.append({"task": " ".join(task.split()), "tool": (tool or "").strip() or None, "plain": True})
+    return {"name": path.stem if path.is_file() else source, "templates": templates}
+
+
 def load_domain(cfg: Config) -> dict:
     if cfg.tasks_file is None:
         return BUILTIN_DOMAINS[cfg.domain]
+    if Path(cfg.tasks_file).suffix != ".json":
+        return load_task_table(cfg.tasks_file)
     try:
         domain = json.loads(Path(cfg.tasks_file).read_text())
     except (OSError, UnicodeDecodeError) as err:
@@ -383,6 +421,8 @@ def load_domain(cfg: Config) -> dict:
 
 
 def fill_template(template: dict, slots: dict, rng: random.Random) -> Task:
+    if template.get("plain"):  # a task from a table: its text as it is, braces included
+        return Task(template["task"], template.get("tool"))
     values = {slot: rng.choice(slots[slot]) for slot in sorted(set(SLOT_PATTERN.findall(template["task"])))}
     return Task(SLOT_PATTERN.sub(lambda m: values[m.group(1)], template["task"]), template.get("tool"))
 
@@ -1012,7 +1052,7 @@ def template_patterns(domain: dict) -> list[re.Pattern]:
     """One regex per template, slots as wildcards: recognises any task the templates can make."""
     patterns = []
     for template in domain["templates"]:
-        parts = SLOT_PATTERN.split(template["task"])  # literal, slot, literal, ...
+        parts = [template["task"]] if template.get("plain") else SLOT_PATTERN.split(template["task"])  # literal, slot, ...
         regex = "".join(re.escape(part) if k % 2 == 0 else ".+" for k, part in enumerate(parts))
         patterns.append(re.compile(regex + r"\.?", re.I))
     return patterns

@@ -2,6 +2,8 @@
 embedded default (one short run), and the batched decoder against transformers' generate."""
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +268,59 @@ def test_four_bit_without_bitsandbytes_is_a_one_line_error(tiny_model_dir, tmp_p
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--quantize", "4bit")) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "--quantize 4bit needs the package bitsandbytes==0.50.2" in error[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own tasks as a table (datasets)
+# ---------------------------------------------------------------------------------------------
+
+TABLE_TASKS = ["List the files in /tmp", "Count the lines of notes.txt", "Print field 1 with awk '{print $1}' of a.csv",
+               "Show the disk usage of /var", "Find files named core below /home"]
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+    frame = pd.DataFrame(rows)
+    {".jsonl": lambda: frame.to_json(path, orient="records", lines=True), ".csv": lambda: frame.to_csv(path, index=False),
+     ".parquet": lambda: frame.to_parquet(path)}[path.suffix]()
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_table_of_plain_tasks_is_a_domain_and_only_its_task_text_is_read(suffix, tiny_model_dir, tmp_path):
+    rows = [{"task": task, "tool": "awk" if "awk" in task else None, "command": f"GOLD_COMMAND_{i}", "label": 1}
+            for i, task in enumerate(TABLE_TASKS)]
+    table = write_table(tmp_path / f"tasks{suffix}", rows)
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "t", "--tasks-file", str(table))) == 0
+    run_dir = tmp_path / "t"
+    examples = [json.loads(line) for line in (run_dir / "examples_cycle_1.jsonl").read_text().splitlines()]
+    assert {e["task"] for e in examples} <= set(TABLE_TASKS)  # braces kept as they are
+    written = "".join(path.read_text() for path in run_dir.rglob("*.json*"))
+    assert "GOLD_COMMAND" not in written and '"label"' not in written
+
+
+@pytest.mark.parametrize("rows, suffix, message", [
+    ([{"name": "x"}], ".csv", r"no 'task' column \(columns: name\)"),
+    ([{"task": "ok"}, {"task": "  "}], ".jsonl", r"row 2: 'task' must be non-empty text"),
+    ([{"task": "ok", "tool": 3}], ".jsonl", r"row 1: 'tool' must be text or empty, got 3"),
+    (None, ".jsonl", r"cannot read it as a table of tasks \(ArrowInvalid: JSON parse error"),
+    (None, ".parquet", r"cannot read it as a table of tasks \(ArrowInvalid"),
+])
+def test_a_bad_table_is_a_one_line_error_before_any_model_loads(rows, suffix, message, tmp_path, capsys, monkeypatch):
+    path = tmp_path / f"tasks{suffix}"
+    if rows is None:
+        path.write_text("{not a table")
+    else:
+        write_table(path, rows)
+    monkeypatch.setattr(isi, "load_language_model", lambda cfg: pytest.fail("the model was loaded"))
+    assert isi.main(["--tasks-file", str(path), "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and re.search(message, error[0]), error
+
+
+def test_a_hub_dataset_id_is_tried_and_an_unreachable_hub_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert isi.main(["--tasks-file", "nobody/no-such-dataset", "--output", str(tmp_path)]) == 2
+    assert "--tasks-file nobody/no-such-dataset: cannot read it as a table of tasks" in capsys.readouterr().err
+    assert isi.main(["--tasks-file", "./no/such.csv", "--output", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
