@@ -9,9 +9,12 @@ writes them as JSON.
     python bench/bench_cycle.py --out output/bench_cpu.json
     # a quick look (seconds): a tiny random model, 4 x 2
     python bench/bench_cycle.py --random-config tiny --tasks 4 --candidates 2 --out output/bench_tiny.json
-    # one GPU: Mistral-7B's shape with random weights, 4-bit NF4 + LoRA, then bf16
+    # one GPU: Mistral-7B's shape and tokenizer with random weights, 4-bit NF4 + LoRA, then bf16
     python bench/bench_cycle.py --random-config mistral-7b --quantize 4bit --out output/bench_gpu_4bit.json
     python bench/bench_cycle.py --random-config mistral-7b --quantize none --out output/bench_gpu_bf16.json
+    # the same 4-bit path on the CPU: memory, one small cycle (a 7B model decodes slowly on two cores)
+    python bench/bench_cycle.py --random-config mistral-7b --quantize 4bit --tasks 1 --candidates 2 \
+        --max-command-tokens 8 --max-inversion-tokens 8 --skip-published --out output/bench_cpu_7b_4bit.json
 """
 import argparse
 import json
@@ -29,22 +32,67 @@ import intrinsic_self_improvement as isi  # noqa: E402
 PUBLISHED_TOKENS = {"command": 100, "inversion": 50, "rating": 5}
 
 
-def random_model_dir(kind: str, target: Path) -> Path:
-    """Random weights in a model's shape, with the embedded tokenizer (its vocabulary sets the
-    embedding size). Random weights never emit EOS: every sequence runs to its cap."""
+# Mistral-7B-Instruct-v0.2's tokenizer is the v1 sentencepiece file that mistral-common ships; the
+# Makefile installs that package here, off the import path (installed, it changes AutoTokenizer).
+MISTRAL_V1_TOKENIZER = Path(sys.prefix) / "mistral-common" / "mistral_common" / "data" / "tokenizer.model.v1"
+# Mistral-7B-Instruct-v0.2's published chat template: BOS written into the text, user and
+# assistant roles only, alternating; anything else raises.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+def mistral_tokenizer(scratch: Path):
+    """Mistral-7B-Instruct-v0.2's tokenizer: the v1 sentencepiece model, the published template and
+    special tokens (BOS added, no EOS added, no pad token). Converting it needs sentencepiece and
+    protobuf once; the saved folder needs neither."""
+    import shutil
+    from transformers import AutoTokenizer
+    shutil.copy(MISTRAL_V1_TOKENIZER, scratch / "tokenizer.model")
+    (scratch / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "chat_template": MISTRAL_CHAT_TEMPLATE}))
+    return AutoTokenizer.from_pretrained(scratch)
+
+
+def write_random_model(kind: str, target: Path) -> None:
+    """Random weights in a model's shape. mistral-7b: Mistral-7B's config and its own tokenizer,
+    created directly in bf16 (fp32 would need 29 GB); tiny: 2 layers with the embedded tokenizer.
+    Random weights never emit EOS: every sequence runs to its cap."""
     import torch
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
-    shape = {} if kind == "mistral-7b" else dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2)
-    config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **shape)
+    if kind == "mistral-7b":
+        (target / "tokenizer-source").mkdir()
+        tokenizer = mistral_tokenizer(target / "tokenizer-source")
+        config = MistralConfig(vocab_size=32000, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                               max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
+        config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                               hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2)
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if kind == "mistral-7b" else torch.float32
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = MistralForCausalLM(config).to(torch.bfloat16 if kind == "mistral-7b" else torch.float32)
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+        model = MistralForCausalLM._from_config(config, dtype=dtype)
+    model.save_pretrained(target / "model")
+    tokenizer.save_pretrained(target / "model")
+
+
+def random_model_dir(kind: str, scratch: Path) -> Path:
+    """write_random_model in a process of its own, so that building a 7B model (14.5 GB in bf16)
+    does not count in this process's peak memory."""
+    import multiprocessing
+    child = multiprocessing.get_context("spawn").Process(target=write_random_model, args=(kind, scratch))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"building the random {kind} model failed (exit code {child.exitcode})")
+    return scratch / "model"
 
 
 def peak_memory_gib(device: str) -> float:
@@ -177,17 +225,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.5, help="0 makes a random model train on everything")
     parser.add_argument("--skip-published", action="store_true", help="time only the project's path")
+    parser.add_argument("--max-command-tokens", type=int, default=48, help="as in the main script")
+    parser.add_argument("--max-inversion-tokens", type=int, default=40, help="as in the main script")
+    parser.add_argument("--gen-batch-size", type=int, default=160, help="as in the main script")
     parser.add_argument("--out", default="output/bench_cycle.json", help="where to write the JSON figures")
     args = parser.parse_args(argv)
 
-    scratch = tempfile.TemporaryDirectory()
+    scratch, built = tempfile.TemporaryDirectory(), time.perf_counter()
     model = str(random_model_dir(args.random_config, Path(scratch.name))) if args.random_config else args.model
+    print(f"model {model}" + (f" (random weights, built in {time.perf_counter() - built:.0f} s)" if args.random_config else ""),
+          flush=True)
     # the published scorer (it has the most generation work: the self-rating) and the published settings
     cfg = isi.validate(isi.Config(model=model, device=args.device, quantize=args.quantize, precision=args.precision,
                                   tasks=args.tasks, candidates=args.candidates, seed=args.seed, scorer="mix",
-                                  threshold=args.threshold))
+                                  threshold=args.threshold, max_command_tokens=args.max_command_tokens,
+                                  max_inversion_tokens=args.max_inversion_tokens, gen_batch_size=args.gen_batch_size))
+    started = time.perf_counter()
     lm = isi.load_language_model(cfg)
-    print(isi.describe_model(lm, cfg), flush=True)
+    load = {"load_s": round(time.perf_counter() - started, 1), "peak_memory_gib": peak_memory_gib(lm.device)}
+    print(isi.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s, peak memory {load['peak_memory_gib']} GiB",
+          flush=True)
     tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, cfg.tasks, random.Random(args.seed))
     initial = {k: v.detach().clone() for k, v in lm.model.state_dict().items() if "lora_" in k}
     generate_one_by_one(lm, ["warm-up"], 2, 0, 0)  # first-call set-up is not part of either pattern
@@ -195,7 +252,9 @@ def main(argv=None) -> int:
 
     results = {"device": lm.device, "device_name": device_name(lm.device), "model": args.random_config or args.model,
                "quantize": cfg.quantize, "dtype": lm.dtype, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
-               "versions": versions(), "published_caps": PUBLISHED_TOKENS}
+               "versions": versions(), "published_caps": PUBLISHED_TOKENS, "load": load,
+               "caps": {"command": cfg.max_command_tokens, "inversion": cfg.max_inversion_tokens,
+                        "gen_batch_size": cfg.gen_batch_size}}
     shared = {}
 
     def project():

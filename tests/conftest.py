@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the model 
 
 import intrinsic_self_improvement as isi  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cycle  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -30,35 +33,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-# Mistral-7B-Instruct-v0.2's published chat template: BOS written into the text, user and
-# assistant roles only, alternating; anything else raises.
-MISTRAL_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
-    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
-
-
-# The Makefile installs mistral-common here, off the import path (see there why).
-MISTRAL_V1_TOKENIZER = Path(sys.prefix) / "mistral-common" / "mistral_common" / "data" / "tokenizer.model.v1"
-
-
 @pytest.fixture(scope="session")
 def mistral_model_dir(tmp_path_factory) -> Path:
     """Mistral-7B-Instruct-v0.2's formats with small random weights: its real v1 sentencepiece
     tokenizer (shipped in the PyPI package mistral-common), its published chat template and
     special tokens (BOS added, no EOS added, no pad token), a 2-layer MistralForCausalLM."""
-    import shutil
-
     import torch
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-    source = tmp_path_factory.mktemp("mistral-tokenizer-source")
-    shutil.copy(MISTRAL_V1_TOKENIZER, source / "tokenizer.model")
-    (source / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "chat_template": MISTRAL_CHAT_TEMPLATE}))
-    tokenizer = AutoTokenizer.from_pretrained(source)  # converted once; the folder then needs no sentencepiece
+    from transformers import MistralConfig, MistralForCausalLM
+    tokenizer = bench_cycle.mistral_tokenizer(tmp_path_factory.mktemp("mistral-tokenizer-source"))
     config = MistralConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            bos_token_id=1, eos_token_id=2, pad_token_id=None)
