@@ -688,6 +688,8 @@ def load_language_model(cfg: Config) -> LanguageModel:
     # bitsandbytes (imported by peft when installed) looks for optional CPU kernels on the model
     # hub when it is imported on CPUs with AVX512-BF16, and warns that it found none
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft asks transformers for a renamed attribute at every training step; stderr stays for our errors
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1675,8 +1677,6 @@ def run(cfg: Config) -> dict:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.manual_seed(cfg.seed)
-    # peft asks transformers for a renamed attribute at every training step; stderr stays for our errors
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     print("config " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     started = time.perf_counter()
     lm = load_language_model(cfg)

@@ -102,6 +102,29 @@ def peak_memory_gib(device: str) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # process peak RSS
 
 
+def model_memory_gib(model) -> float:
+    """Bytes the model's tensors hold: parameters (4-bit layers: their packed bytes), buffers, and
+    4-bit quantisation constants (absmax, double-quantised, and the code book)."""
+    import torch
+    total = sum(t.nbytes for t in [*model.parameters(), *model.buffers()])
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            total += sum(v.nbytes for v in state.as_dict(packed=True).values() if isinstance(v, torch.Tensor))
+    return round(total / 2**30, 2)
+
+
+def anonymous_memory_gib() -> float | None:
+    """Resident memory not backed by a file, now: on the CPU the peak RSS also counts the pages of
+    the checkpoint that loading reads through a memory map, which the kernel can drop at will."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), None)
+    return None if kib is None else round(kib / 2**20, 2)
+
+
 def reset_peak(device: str) -> None:
     import torch
     if device == "cuda":
@@ -242,9 +265,10 @@ def main(argv=None) -> int:
                                   max_inversion_tokens=args.max_inversion_tokens, gen_batch_size=args.gen_batch_size))
     started = time.perf_counter()
     lm = isi.load_language_model(cfg)
-    load = {"load_s": round(time.perf_counter() - started, 1), "peak_memory_gib": peak_memory_gib(lm.device)}
-    print(isi.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s, peak memory {load['peak_memory_gib']} GiB",
-          flush=True)
+    load = {"load_s": round(time.perf_counter() - started, 1), "peak_memory_gib": peak_memory_gib(lm.device),
+            "model_tensors_gib": model_memory_gib(lm.model), "anonymous_memory_gib": anonymous_memory_gib()}
+    print(isi.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s; memory: " + ", ".join(
+        f"{k} {v}" for k, v in load.items() if k != "load_s"), flush=True)
     tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, cfg.tasks, random.Random(args.seed))
     initial = {k: v.detach().clone() for k, v in lm.model.state_dict().items() if "lora_" in k}
     generate_one_by_one(lm, ["warm-up"], 2, 0, 0)  # first-call set-up is not part of either pattern
@@ -269,6 +293,7 @@ def main(argv=None) -> int:
         reset_peak(lm.device)
         figures = with_rates(run_path())
         figures["peak_memory_gib"] = peak_memory_gib(lm.device)
+        figures["anonymous_memory_gib_after"] = anonymous_memory_gib()
         results[name] = figures
         print(f"{name:>9}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
     if "published" in results:
