@@ -206,7 +206,7 @@ def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir
 # 4-bit QLoRA on the CPU (bitsandbytes' CPU backend: the code path a GPU runs)
 # ---------------------------------------------------------------------------------------------
 
-def test_four_bit_run_resumes_like_a_straight_run_and_trains_every_layer(tiny_model_dir, tmp_path):
+def test_four_bit_run_resumes_like_a_straight_run(tiny_model_dir, tmp_path):
     four_bit = ("--quantize", "4bit")
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "straight", *four_bit)) == 0
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "split", *four_bit)) == 0
