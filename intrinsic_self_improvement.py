@@ -1624,6 +1624,16 @@ def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
 # The cycle loop
 # ---------------------------------------------------------------------------------------------
 
+def duration(seconds: float) -> str:
+    """4s, 3m07s, 1h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def tokens_per_s(tokens: int, seconds: float) -> float:
     return round(tokens / seconds, 1) if seconds > 0 else 0.0
 
@@ -1791,7 +1801,9 @@ def run(cfg: Config) -> dict:
         plot_progress(history, run_dir / "progress.png")
         write_json(run_dir / "progress.json", progress)  # last: marks the cycle as done
         pending = after_stage
-        print(f"  cycle {cycle} done in {time.perf_counter() - cycle_start:.1f}s", flush=True)
+        cycle_s, left = time.perf_counter() - cycle_start, cfg.cycles - cycle
+        print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so far"
+              + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""), flush=True)
 
     results = write_results(run_dir, history, wall_s=time.perf_counter() - started)
     print(f"done: probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "

@@ -74,6 +74,21 @@ def figures(progress: dict) -> list:
     return strip(progress["history"])
 
 
+def refuse_model_loading(monkeypatch):
+    """Any model load fails the test: the input must be refused before."""
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(isi, "load_language_model", never)
+    monkeypatch.setattr(isi, "load_embedder", never)
+
+
+def one_line_error(capsys) -> str:
+    """The one line a refused run wrote to stderr, which must start with 'error: '."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "run_last: run after every other test of the session")
 

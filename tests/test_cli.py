@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, one_line_error, refuse_model_loading
 
 import intrinsic_self_improvement as isi
 
@@ -99,19 +99,6 @@ def test_existing_run_is_never_overwritten_and_resume_checks_the_experiment(tmp_
     result = cli("--output", str(tmp_path), "--name", "r", "--resume", "--cycles", "1")
     assert result.returncode == 0 and "nothing to do" in result.stdout
     assert (run_dir / "progress.json").read_text() == before
-
-
-def refuse_model_loading(monkeypatch):
-    def never(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-    monkeypatch.setattr(isi, "load_language_model", never)
-    monkeypatch.setattr(isi, "load_embedder", never)
-
-
-def one_line_error(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, message", [

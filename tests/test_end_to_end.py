@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import figures, read_progress, tiny_args
+from conftest import figures, one_line_error, read_progress, refuse_model_loading, tiny_args
 
 import intrinsic_self_improvement as isi
 
@@ -266,8 +266,7 @@ def test_four_bit_without_bitsandbytes_is_a_one_line_error(tiny_model_dir, tmp_p
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--quantize", "4bit")) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "--quantize 4bit needs the package bitsandbytes==0.50.2" in error[0]
+    assert "--quantize 4bit needs the package bitsandbytes==0.50.2" in one_line_error(capsys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +311,9 @@ def test_a_bad_table_is_a_one_line_error_before_any_model_loads(rows, suffix, me
         path.write_text("{not a table")
     else:
         write_table(path, rows)
-    monkeypatch.setattr(isi, "load_language_model", lambda cfg: pytest.fail("the model was loaded"))
+    refuse_model_loading(monkeypatch)
     assert isi.main(["--tasks-file", str(path), "--output", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and re.search(message, error[0]), error
+    assert re.search(message, one_line_error(capsys))
 
 
 def test_a_hub_dataset_id_is_tried_and_an_unreachable_hub_is_one_line(tmp_path, capsys, monkeypatch):

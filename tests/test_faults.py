@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, figures, read_progress, tiny_args
+from conftest import ROOT, figures, one_line_error, read_progress, refuse_model_loading, tiny_args
 
 import intrinsic_self_improvement as isi
 
@@ -86,23 +86,11 @@ def test_ctrl_c_stops_in_one_line_that_says_how_to_continue(hook, at, last_compl
     assert figures(read_progress(run_dir)) == straight[0]
 
 
-def one_line_error(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
 @pytest.fixture
 def one_cycle_run(tiny_model_dir, tmp_path):
     """A finished 1-cycle run and the arguments that continue it to 2 cycles."""
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "run")) == 0
     return tmp_path / "run", tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "run", "--resume")
-
-
-def refuse_model_loading(monkeypatch):
-    def never(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-    monkeypatch.setattr(isi, "load_language_model", never)
 
 
 @pytest.mark.parametrize("damage, message", [

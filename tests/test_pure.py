@@ -209,3 +209,9 @@ def test_embedded_model_cache_drops_the_gguf_quantizer_marker(tmp_path, monkeypa
     (target / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
     assert isi.embedded_model_dir() == target
     assert json.loads((target / "config.json").read_text()) == {"model_type": "llama"}
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (4.4, "4s"), (59.6, "1m00s"), (187, "3m07s"), (3599, "59m59s"),
+                                           (3900, "1h05m"), (90061, "25h01m")])
+def test_duration(seconds, text):
+    assert isi.duration(seconds) == text
