@@ -747,6 +747,7 @@ class Generated:
     texts: list[str]  # one per (request, copy), copies of a request adjacent
     tokens: int  # tokens generated, stop tokens included
     seconds: float
+    prefilled: int  # prompt positions run through the model (padding included): the prefill's work
 
 
 def pick_tokens(logits, temperature: float, generator, top_k: int = 50):
@@ -809,11 +810,12 @@ def decode_cache(room: int):
 
 
 def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
-                 max_new_tokens: int, stop_at_line: bool, generator) -> tuple[list[list[int]], int]:
+                 max_new_tokens: int, stop_at_line: bool, generator) -> tuple[list[list[int]], int, int]:
     """Continue prompts with a KV cache. The prefix all prompts share (chat header, instruction)
     is prefilled once; the rest of each prompt is left-padded after it, and prefilled once for its
     `copies` samples; a row leaves the batch as soon as it stops (EOS, or its first line
-    complete), so finished rows cost nothing. Returns new tokens per row and tokens generated."""
+    complete), so finished rows cost nothing. Returns new tokens per row, tokens generated, and
+    prompt positions prefilled (padding included)."""
     import torch
     model, tok, device = lm.model, lm.tokenizer, lm.device
     shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)  # every row keeps a token
@@ -864,7 +866,7 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
             rows = [rows[slot] for slot in keep]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = next_logits(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
-    return new_tokens, generated
+    return new_tokens, generated, shared + len(prompts) * width
 
 
 def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, temperature: float, max_new_tokens: int,
@@ -879,19 +881,19 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
     order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // copies)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
-    texts, total = [""] * (len(requests) * copies), 0
+    texts, total, prefilled = [""] * (len(requests) * copies), 0, 0
     lm.model.eval()
     with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="seq", leave=False, disable=None) as bar:
         for first in range(0, len(order), per_batch):
             chunk = order[first:first + per_batch]
-            new_tokens, generated = decode_batch(lm, [encoded[i] for i in chunk], copies=copies,
-                                                 temperature=temperature, max_new_tokens=max_new_tokens,
-                                                 stop_at_line=stop_at_line, generator=generator)
-            total += generated
+            new_tokens, generated, positions = decode_batch(lm, [encoded[i] for i in chunk], copies=copies,
+                                                            temperature=temperature, max_new_tokens=max_new_tokens,
+                                                            stop_at_line=stop_at_line, generator=generator)
+            total, prefilled = total + generated, prefilled + positions
             for k, tokens in enumerate(new_tokens):
                 texts[chunk[k // copies] * copies + k % copies] = tok.decode(tokens, skip_special_tokens=True)
             bar.update(len(new_tokens))
-    return Generated(texts, total, time.perf_counter() - start)
+    return Generated(texts, total, time.perf_counter() - start, prefilled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -934,7 +936,8 @@ def write_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copies:
         task, command = tasks[i // copies], extract_command(text)
         records.append({"task": task.text, "tool": task.tool, "output": text, "command": command,
                         "usable": is_usable_command(command)})
-    return Stage(records, {"generate_s": round(gen.seconds, 3), "generate_tokens": gen.tokens})
+    return Stage(records, {"generate_s": round(gen.seconds, 3), "generate_tokens": gen.tokens,
+                           "generate_prefilled": gen.prefilled})
 
 
 def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *, frozen: bool,
@@ -955,7 +958,7 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
         recons = [reconstructions[i] for i in scored]
 
         start = time.perf_counter()
-        ratings, rating_tokens = [None] * len(records), 0
+        ratings, rating_tokens, rated_prefilled = [None] * len(records), 0, 0
         if cfg.scorer == "embed":
             values = embedding_scores(embedder, originals, recons)
         elif cfg.scorer == "lexical":
@@ -964,7 +967,7 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
             rated = generate(lm, [rating_request(o, r) for o, r in zip(originals, recons)], temperature=0,
                              max_new_tokens=5, stop_at_line=True, batch_size=cfg.gen_batch_size,
                              seed=stage_seed(seed, "rate"), desc=f"{label}: rate")
-            rating_tokens = rated.tokens
+            rating_tokens, rated_prefilled = rated.tokens, rated.prefilled
             for i, text in zip(scored, rated.texts):
                 ratings[i] = parse_rating(text)
             values = [mix_score(o, r, ratings[i]) for o, r, i in zip(originals, recons, scored)]
@@ -979,7 +982,8 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
             extra["rating"] = ratings[i]
         judged.append(record | extra)
     return Stage(judged, {"invert_s": round(inv.seconds, 3), "invert_tokens": inv.tokens,
-                          "score_s": round(score_seconds, 3), "rating_tokens": rating_tokens})
+                          "invert_prefilled": inv.prefilled, "score_s": round(score_seconds, 3),
+                          "rating_tokens": rating_tokens, "rating_prefilled": rated_prefilled})
 
 
 def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, copies: int,
@@ -1164,7 +1168,7 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     if lm.device == "cpu":  # SDPA's bf16 backward on the CPU measured 2x slower than eager attention's (fp32: even)
         base.set_attn_implementation("eager")
     model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
+    losses, tokens, positions, start = [], 0, 0, time.perf_counter()
     try:
         for batch in tqdm(batches, desc="train", unit="step", leave=False, disable=None):
             batch = {k: v.to(lm.device) for k, v in collate(batch, tok.pad_token_id).items()}
@@ -1175,12 +1179,12 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            tokens += n
+            tokens, positions = tokens + n, positions + batch["input_ids"].numel()
     finally:
         model.eval()
         base.set_attn_implementation(attention)
     seconds = time.perf_counter() - start
-    return {"pairs": len(pairs), "steps": len(batches), "skipped": False, "command_tokens": tokens,
+    return {"pairs": len(pairs), "steps": len(batches), "skipped": False, "command_tokens": tokens, "positions": positions,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "loss_mean": round(sum(losses) / len(losses), 4), "train_s": round(seconds, 3),
             "train_tokens_per_s": round(sum(len(e["input_ids"]) for e in examples) / seconds, 1)}

@@ -223,10 +223,56 @@ def project_cycle(lm, embedder, cfg, tasks, seed: int) -> tuple[dict, list]:
     train, train_s = timed(d, lambda: isi.train_adapter(lm, cfg, pairs, seed))
     t = judged.timing
     return {"generate_s": gen_s, "generate_tokens": written.timing["generate_tokens"],
-            "invert_s": t["invert_s"], "invert_tokens": t["invert_tokens"],
-            "score_s": judge_s - t["invert_s"], "score_tokens": t["rating_tokens"],
+            "generate_prefilled": written.timing["generate_prefilled"],
+            "invert_s": t["invert_s"], "invert_tokens": t["invert_tokens"], "invert_prefilled": t["invert_prefilled"],
+            "score_s": judge_s - t["invert_s"], "score_tokens": t["rating_tokens"], "score_prefilled": t["rating_prefilled"],
             "train_s": train_s, "train_steps": train["steps"], "train_pairs": len(pairs),
+            "train_positions": train.get("positions", 0), "train_command_tokens": train.get("command_tokens", 0),
             "accepted": sum(r["accepted"] for r in judged.records), "candidates": len(judged.records)}, pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic: what each stage computed, against this machine's own matrix-product rate
+# ---------------------------------------------------------------------------------------------
+
+def model_shape(lm) -> dict:
+    """Parameters the decoder layers apply to every position (4-bit weights counted as weights,
+    LoRA included), and those of the vocabulary head, applied only where logits are needed."""
+    import torch
+    base = lm.model.get_base_model()
+    layers = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in base.get_decoder().layers.parameters())
+    head = base.get_output_embeddings().weight
+    return {"layer_params": layers, "head_params": head.shape[0] * head.shape[1], "hidden": base.config.hidden_size,
+            "intermediate": base.config.intermediate_size}
+
+
+def matmul_rate_gflops(device: str, dtype: str, rows: int, shape: dict) -> float:
+    """torch.nn.functional.linear [rows x hidden] x [hidden x intermediate], the model's largest
+    product, in its dtype: the rate this machine reaches at that shape (GFLOP/s)."""
+    import torch
+    kind = getattr(torch, dtype)
+    x = torch.randn(rows, shape["hidden"], device=device, dtype=kind)
+    w = torch.randn(shape["intermediate"], shape["hidden"], device=device, dtype=kind)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    reps, seconds = 0, 0.0
+    while seconds < 0.5:
+        _, elapsed = timed(device, lambda: torch.nn.functional.linear(x, w))
+        reps, seconds = reps + 1, seconds + elapsed
+    return round(2 * rows * shape["hidden"] * shape["intermediate"] * reps / seconds / 1e9, 1)
+
+
+def stage_arithmetic(figures: dict, shape: dict) -> dict:
+    """GFLOP per stage of the project's path: 2 per parameter per position in a forward pass (the
+    head only where a token is chosen), 4 in training (forward, and backward to the activations;
+    the frozen weights need no gradient). Attention scores, a few per cent here, are left out."""
+    def forward(prefilled, generated):
+        return 2 * shape["layer_params"] * (prefilled + generated) + 2 * shape["head_params"] * generated
+    return {"generate": forward(figures["generate_prefilled"], figures["generate_tokens"]) / 1e9,
+            "invert": forward(figures["invert_prefilled"], figures["invert_tokens"]) / 1e9,
+            "score": forward(figures["score_prefilled"], figures["score_tokens"]) / 1e9,
+            "train": (4 * shape["layer_params"] * figures["train_positions"]
+                      + 4 * shape["head_params"] * figures["train_command_tokens"]) / 1e9}
 
 
 def with_rates(stages: dict) -> dict:
@@ -299,6 +345,22 @@ def main(argv=None) -> int:
         figures["anonymous_memory_gib_after"] = anonymous_memory_gib()
         results[name] = figures
         print(f"{name:>9}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
+    shape, rows = model_shape(lm), min(cfg.gen_batch_size, cfg.tasks * cfg.candidates)
+    train_rows = max(1, results["project"]["train_positions"] // max(1, results["project"]["train_steps"]))
+    results["machine_gflops"] = {f"rows_{m}": matmul_rate_gflops(lm.device, lm.dtype, m, shape)
+                                 for m in sorted({rows, train_rows, 8, 1}, reverse=True)}
+    results["arithmetic"] = {}
+    for stage, gflop in stage_arithmetic(results["project"], shape).items():
+        seconds = results["project"][f"{stage}_s"]
+        reference = results["machine_gflops"][f"rows_{train_rows if stage == 'train' else rows}"]
+        rate = gflop / seconds if seconds else 0.0
+        results["arithmetic"][stage] = {"gflop": round(gflop, 1), "gflops": round(rate, 1),
+                                        "share_of_machine_rate": round(rate / reference, 3) if reference else None}
+    print(f"machine: linear [m x {shape['hidden']}] x [{shape['hidden']} x {shape['intermediate']}] in {lm.dtype}: "
+          + ", ".join(f"{k.removeprefix('rows_')} rows {v} GFLOP/s" for k, v in results["machine_gflops"].items()))
+    for stage, a in results["arithmetic"].items():
+        print(f"  {stage:>8}: {a['gflop']} GFLOP at {a['gflops']} GFLOP/s = {100 * (a['share_of_machine_rate'] or 0):.0f}% "
+              f"of the machine's rate at {train_rows if stage == 'train' else rows} rows", flush=True)
     if "published" in results:
         results["speedup"] = {s: round(results["published"][f"{s}_s"] / results["project"][f"{s}_s"], 1)
                               for s in ("generate", "invert", "score", "train", "total")

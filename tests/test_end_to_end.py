@@ -99,7 +99,7 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     tok = lm.tokenizer
     tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True)
     prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
-    ours, generated = isi.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
+    ours, generated, _ = isi.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
                                        stop_at_line=False, generator=None)
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.inference_mode():

@@ -80,3 +80,16 @@ def test_bench_cycle_cpu_path_on_a_tiny_config(tmp_path):
     assert figures["published"]["generate_tokens"] == 4 * bench_cycle.PUBLISHED_TOKENS["command"]
     assert figures["speedup"]["total"] > 0
     assert torch.__version__ == figures["versions"]["torch"]
+    # the arithmetic of each stage against the machine's own matmul rate
+    project = figures["project"]
+    assert project["generate_prefilled"] > 0 and project["invert_prefilled"] > 0 and project["train_positions"] > 0
+    assert set(figures["machine_gflops"]) >= {"rows_4", "rows_8", "rows_1"}
+    assert all(rate > 0 for rate in figures["machine_gflops"].values())
+    for stage in ("generate", "invert", "score", "train"):
+        assert figures["arithmetic"][stage]["gflop"] >= 0 and figures["arithmetic"][stage]["gflops"] >= 0
+    shape = {"layer_params": 10, "head_params": 100, "hidden": 1, "intermediate": 1}
+    known = {"generate_prefilled": 5, "generate_tokens": 2, "invert_prefilled": 0, "invert_tokens": 0,
+             "score_prefilled": 0, "score_tokens": 0, "train_positions": 3, "train_command_tokens": 1}
+    arithmetic = bench_cycle.stage_arithmetic(known, shape)
+    assert arithmetic["generate"] * 1e9 == 2 * 10 * 7 + 2 * 100 * 2
+    assert arithmetic["train"] * 1e9 == 4 * 10 * 3 + 4 * 100 * 1
