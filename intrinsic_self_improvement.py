@@ -729,10 +729,15 @@ def load_language_model(cfg: Config) -> LanguageModel:
     return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids)
 
 
+def parameter_count(parameters) -> int:
+    """Weights held, a 4-bit layer's packed bytes counted as the two weights each holds."""
+    import torch
+    return sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in parameters)
+
+
 def describe_model(lm: LanguageModel, cfg: Config) -> str:
     trainable = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
-    import torch
-    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in lm.model.parameters())  # 4 bits: 2 a byte
+    total = parameter_count(lm.model.parameters())
     weights = "4-bit NF4 (double quantisation)" if lm.weights == "nf4" else lm.weights
     return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}, {total / 1e6:.1f}M parameters, "
             f"LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")

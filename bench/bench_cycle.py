@@ -238,9 +238,8 @@ def project_cycle(lm, embedder, cfg, tasks, seed: int) -> tuple[dict, list]:
 def model_shape(lm) -> dict:
     """Parameters the decoder layers apply to every position (4-bit weights counted as weights,
     LoRA included), and those of the vocabulary head, applied only where logits are needed."""
-    import torch
     base = lm.model.get_base_model()
-    layers = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in base.get_decoder().layers.parameters())
+    layers = isi.parameter_count(base.get_decoder().layers.parameters())
     head = base.get_output_embeddings().weight
     return {"layer_params": layers, "head_params": head.shape[0] * head.shape[1], "hidden": base.config.hidden_size,
             "intermediate": base.config.intermediate_size}
