@@ -632,26 +632,27 @@ def read_limited(process: subprocess.Popen, timeout_s: float, output_cap: int) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluator
+# Sandbox: file systems built by setup scripts, commands run in fresh copies
 # ---------------------------------------------------------------------------------------------
 
-class Evaluator:
-    """Builds each needed file system once, runs each gold command once, then scores any number
-    of candidate lists against them. Use as a context manager, or call close().
+class Sandbox:
+    """File systems built once, each by a setup script run inside the sandbox; every command then
+    runs in a fresh copy of its file system, which is diffed against the built one. Use as a
+    context manager, or call close(). Shared by the evaluation and by training-time execution.
 
-    workers: commands run in parallel; timeout_s: wall-time limit per command; output_cap:
-    bytes of output read before the command is killed; bwrap: the bubblewrap binary (name or
-    path). Raises SandboxUnavailable when the sandbox cannot run here. After construction:
-    build_seconds, gold_seconds, gold_runs (one Execution per item)."""
+    setups: {name: (script text, file name to leave it under at / or None)}; workers: commands
+    run in parallel; timeout_s: wall-time limit per command; output_cap: bytes of output read
+    before the command is killed; bwrap: the bubblewrap binary (name or path). Raises
+    SandboxUnavailable when the sandbox cannot run here. After construction: build_seconds."""
 
-    def __init__(self, items: list[dict], workers: int = 2, timeout_s: float = 5.0, output_cap: int = 64_000,
+    def __init__(self, setups: dict, workers: int = 2, timeout_s: float = 5.0, output_cap: int = 64_000,
                  bwrap: str = "bwrap"):
         if workers < 1 or timeout_s <= 0 or output_cap < 1:
             raise ValueError("workers, timeout_s and output_cap must be positive")
-        self.items, self.workers, self.timeout_s, self.output_cap = list(items), workers, timeout_s, output_cap
+        self.workers, self.timeout_s, self.output_cap = workers, timeout_s, output_cap
         self.identity = sandbox_identity()
         self.bwrap = check_bwrap(bwrap, self.identity)
-        self.workdir = Path(tempfile.mkdtemp(prefix="nl2bash-eval-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="bash-sandbox-"))
         try:
             # the sandbox identity (nobody, when we are root) must reach the trees to bind them
             self.workdir.chmod(0o711)
@@ -659,12 +660,9 @@ class Evaluator:
             self.etc_binds = [n for n in HOST_ETC_ENTRIES if os.path.exists(f"/etc/{n}")]
             self.etc_dir = self.write_etc()
             started = time.monotonic()
-            self.trees = {g: self.build(g) for g in sorted({item["group"] for item in self.items})}
+            self.trees = {name: self.build(index, *setup) for index, (name, setup) in enumerate(setups.items())}
             self.build_seconds = time.monotonic() - started
-            self.initial = {g: snapshot_tree(tree) for g, tree in self.trees.items()}
-            started = time.monotonic()
-            self.gold_runs = self.run_all([item["gold"] for item in self.items])
-            self.gold_seconds = time.monotonic() - started
+            self.initial = {name: snapshot_tree(tree) for name, tree in self.trees.items()}
         except BaseException:
             self.close()
             raise
@@ -717,48 +715,78 @@ class Evaluator:
                 continue
             self.own(root / name)
 
-    def build(self, group: int) -> Path:
-        """Run the group's setup script once inside the sandbox, into a fresh root. The script
-        stays at /, as in InterCode's image (some queries read it). Scripts run with bash: group
-        5's `#!/bin/sh` is BusyBox in InterCode, whose echo interprets -e like bash's, not dash's."""
-        script = icalfa_asset(f"docker/setup_nl2b_fs_{group}.sh")
-        root = self.workdir / f"fs{group}"
+    def build(self, index: int, script: str, keep_as: str | None) -> Path:
+        """Run a setup script once inside the sandbox, into a fresh root, left at /keep_as when
+        given (InterCode's image keeps its script at /, and some queries read it)."""
+        root = self.workdir / f"fs{index}"
         self.skeleton(root)
-        shutil.copyfile(script, root / script.name)
-        (root / script.name).chmod(0o755)
-        self.own(root / script.name)
-        argv = bwrap_argv(self.bwrap, root, self.etc_dir, self.etc_binds, self.usr_binds, f"bash /{script.name}")
-        output, _, timed_out, _ = run_bwrap(argv, SETUP_TIMEOUT_S, 1_000_000, self.identity)
+        command = script
+        if keep_as is not None:
+            (root / keep_as).write_text(script)
+            (root / keep_as).chmod(0o755)
+            self.own(root / keep_as)
+            command = f"bash /{keep_as}"
+        argv = bwrap_argv(self.bwrap, root, self.etc_dir, self.etc_binds, self.usr_binds, command)
+        output, exit_code, timed_out, _ = run_bwrap(argv, SETUP_TIMEOUT_S, 1_000_000, self.identity)
         if timed_out:
-            raise RuntimeError(f"{script.name} did not finish in {SETUP_TIMEOUT_S:.0f} s: {output[-500:]!r}")
+            raise RuntimeError(f"setup script {keep_as or index} did not finish in {SETUP_TIMEOUT_S:.0f} s: "
+                               f"{output[-500:]!r}")
         return root
 
-    def execute(self, group: int, command: str) -> Execution:
-        """Run one command in a fresh copy of the group's built tree and diff the copy."""
+    def execute(self, name, command: str) -> Execution:
+        """Run one command in a fresh copy of a built tree and diff the copy."""
         run_dir = Path(tempfile.mkdtemp(dir=self.workdir, prefix="run-"))
         try:
             run_dir.chmod(0o711)
             root = run_dir / "root"
             # cp -a keeps owners, modes and timestamps, so the copy is the built tree
-            subprocess.run(["cp", "-a", "--", str(self.trees[group]), str(root)], check=True)
+            subprocess.run(["cp", "-a", "--", str(self.trees[name]), str(root)], check=True)
             # a NUL cannot reach bash through argv; bash would stop reading at it anyway
             argv = bwrap_argv(self.bwrap, root, self.etc_dir, self.etc_binds, self.usr_binds,
                               command.replace("\0", ""))
             started = time.monotonic()
             output, exit_code, timed_out, truncated = run_bwrap(argv, self.timeout_s, self.output_cap, self.identity)
             seconds = time.monotonic() - started
-            changes, signatures = diff_snapshots(self.initial[group], snapshot_tree(root))
+            changes, signatures = diff_snapshots(self.initial[name], snapshot_tree(root))
         finally:
             remove_tree(run_dir)
         return Execution(output=output.decode("utf-8", "replace"), changes=changes, signatures=signatures,
                          exit_code=exit_code, timed_out=timed_out, truncated=truncated, seconds=round(seconds, 3))
 
-    def run_all(self, commands: list[str]) -> list[Execution]:
-        """One command per item, in item order, across `workers` threads (each drives a
-        subprocess, so threads suffice)."""
-        groups = [item["group"] for item in self.items]
+    def run_all(self, names: list, commands: list[str]) -> list[Execution]:
+        """Each command in its own fresh copy of the tree named beside it, in order, across
+        `workers` threads (each drives a subprocess, so threads suffice)."""
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(pool.map(self.execute, groups, commands))
+            return list(pool.map(self.execute, names, commands))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluator
+# ---------------------------------------------------------------------------------------------
+
+class Evaluator(Sandbox):
+    """The benchmark's file systems (InterCode's setup scripts, one per group), each gold command
+    run once; then scores any number of candidate lists against the gold runs. Arguments as
+    Sandbox's after `items`. After construction: build_seconds, gold_seconds, gold_runs (one
+    Execution per item)."""
+
+    def __init__(self, items: list[dict], **sandbox):
+        self.items = list(items)
+        scripts = {g: icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh") for g in sorted({item["group"] for item in items})}
+        # group 5's `#!/bin/sh` is BusyBox in InterCode, whose echo interprets -e like bash's,
+        # not dash's: every script runs with bash
+        super().__init__({g: (path.read_text(), path.name) for g, path in scripts.items()}, **sandbox)
+        try:
+            started = time.monotonic()
+            self.gold_runs = self.run_items([item["gold"] for item in self.items])
+            self.gold_seconds = time.monotonic() - started
+        except BaseException:
+            self.close()
+            raise
+
+    def run_items(self, commands: list[str]) -> list[Execution]:
+        """One command per item, in item order."""
+        return self.run_all([item["group"] for item in self.items], commands)
 
     def score(self, commands: list[str]) -> list[dict]:
         """One generated command per item (same order as items). Per item: id, command, reward,
@@ -767,7 +795,7 @@ class Evaluator:
         if len(commands) != len(self.items):
             raise ValueError(f"{len(commands)} commands for {len(self.items)} items")
         results = []
-        for item, command, gold_run, run in zip(self.items, commands, self.gold_runs, self.run_all(commands)):
+        for item, command, gold_run, run in zip(self.items, commands, self.gold_runs, self.run_items(commands)):
             parts = reward_parts(gold_run, run)
             reward = total_reward(parts)
             references = [item["gold"], item["gold2"]]
