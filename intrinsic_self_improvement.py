@@ -70,14 +70,17 @@ class Config:
     domain: str = field(default="pentest", metadata={"help": "built-in task domain: pentest (published) or bash (files and text)", "choices": ["pentest", "bash"]})
     tasks_file: str | None = field(default=None, metadata={"help": "your own tasks, replacing --domain: a JSON domain of templates, a table of plain tasks (.jsonl, .csv, .parquet with a 'task' and an optional 'tool' column), or a hub dataset id (format in README.md)"})
     probe_tasks: int = field(default=20, metadata={"help": "fixed probe tasks, drawn once, never trained on, scored greedily every cycle"})
-    select: str = field(default="threshold", metadata={"help": "threshold: train on accepted candidates (published); all: on every candidate; random: on a random subset of the size threshold would keep", "choices": ["threshold", "all", "random"]})
-    data: str = field(default="cycle", metadata={"help": "cycle: train on this cycle's selection (published); cumulative: on every selection so far", "choices": ["cycle", "cumulative"]})
+    signal: str = field(default="inversion", metadata={"help": "what SELECT keeps: inversion: intrinsic score >= threshold (published); execution: the command runs cleanly and does something in the domain's sandboxed file system; agreement: the largest group of candidates with the same execution result (MBR-exec); inversion+execution: both", "choices": ["inversion", "execution", "agreement", "inversion+execution"]})
+    train_from: str = field(default="previous", metadata={"help": "previous: continue the adapter each cycle (published); base: a fresh adapter each cycle, trained on everything selected so far (ReST-EM)", "choices": ["previous", "base"]})
+    select: str = field(default="threshold", metadata={"help": "threshold: train on the candidates --signal keeps (published); all: on every candidate; random: on a random subset of the size the signal would keep", "choices": ["threshold", "all", "random"]})
+    data: str = field(default="cycle", metadata={"help": "cycle: train on this cycle's selection (published); cumulative: on every selection so far (--train-from base always is)", "choices": ["cycle", "cumulative"]})
     judge: str = field(default="self", metadata={"help": "self: the trained model inverts and rates (published); frozen: the base model, adapter disabled", "choices": ["self", "frozen"]})
     task_source: str = field(default="templates", metadata={"help": "templates: tasks from the domain's templates; model: the model writes its own tasks, few-shot from them", "choices": ["templates", "model"]})
     eval: str = field(default="none", metadata={"help": "external evaluation: nl2bash runs the model's commands for InterCode's NL2Bash in a sandbox", "choices": ["none", "nl2bash"]})
     eval_every: int = field(default=1, metadata={"help": "evaluate before cycle 1, every this many cycles, and after the last"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on this many NL2Bash items (a fixed subset); 0 means all 300"})
-    eval_workers: int = field(default=2, metadata={"help": "parallel sandboxes for the external evaluation"})
+    eval_fs: str = field(default="1,2,3,4,5", metadata={"help": "NL2Bash file systems to evaluate on, comma-separated (items of the others are left out)"})
+    eval_workers: int = field(default=0, metadata={"help": "commands run in parallel sandboxes (evaluation and --signal execution); 0 means one per CPU core"})
     embedder: str = field(default=EMBEDDED_EMBEDDER, metadata={"help": "sentence-transformers model for --scorer embed: 'embedded' or a path"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -119,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(cfg: Config) -> Config:
     """Reject settings that cannot make a run, before anything heavy happens."""
     for name in ("cycles", "tasks", "candidates", "batch_size", "lora_r", "lora_alpha",
-                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size", "eval_every", "eval_workers"):
+                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.eval_workers < 0:
+        raise UsageError(f"--eval-workers must be zero (one per core) or positive, got {cfg.eval_workers}")
+    eval_groups(cfg)
     if cfg.eval_limit < 0:
         raise UsageError(f"--eval-limit must be zero (all items) or positive, got {cfg.eval_limit}")
     if cfg.probe_tasks < 0:
@@ -149,6 +155,17 @@ def validate(cfg: Config) -> Config:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
+
+
+def eval_groups(cfg: Config) -> tuple[int, ...]:
+    """--eval-fs as numbers, e.g. "3,4,5" -> (3, 4, 5)."""
+    try:
+        groups = tuple(sorted({int(part) for part in cfg.eval_fs.split(",")}))
+    except ValueError:
+        groups = ()
+    if not groups or not all(1 <= g <= 5 for g in groups):
+        raise UsageError(f"--eval-fs must be file-system numbers from 1 to 5, comma-separated, got {cfg.eval_fs!r}")
+    return groups
 
 
 def check_model_source(value: str, flag: str) -> None:
@@ -328,6 +345,9 @@ BASH_DOMAIN = {
         {"tool": "cat", "task": "Show {file} with every line numbered"},
         {"tool": "cat", "task": "Append the contents of {file} to {dest}/{name}.txt"},
     ],
+    # The file system commands run in for --signal execution and agreement: the slots' own paths,
+    # with contents generated by environment_script (never the benchmark's setup scripts).
+    "environment": {"directories": ["dir", "dest"], "files": ["file", "csv", "archive"]},
 }
 
 BUILTIN_DOMAINS = {"pentest": PENTEST_DOMAIN, "bash": BASH_DOMAIN}
@@ -346,9 +366,9 @@ def check_domain(domain, source: str) -> dict:
         raise UsageError(f"{source}: {msg}")
     if not isinstance(domain, dict):
         fail("the top level must be a JSON object with 'templates' (and 'slots' if they use any)")
-    unknown = set(domain) - {"name", "slots", "templates"}
+    unknown = set(domain) - {"name", "slots", "templates", "environment"}
     if unknown:
-        fail(f"unknown key(s) {sorted(unknown)}; expected 'name', 'slots', 'templates'")
+        fail(f"unknown key(s) {sorted(unknown)}; expected 'name', 'slots', 'templates', 'environment'")
     slots = domain.get("slots", {})
     if not isinstance(slots, dict):
         fail("'slots' must be an object mapping slot names to lists of strings")
@@ -368,7 +388,28 @@ def check_domain(domain, source: str) -> dict:
         for slot in SLOT_PATTERN.findall(template["task"]):
             if slot not in slots:
                 fail(f"templates[{i}] uses slot {{{slot}}}, which is not in 'slots'")
+    if "environment" in domain:
+        check_environment(domain["environment"], slots, fail)
     return domain
+
+
+def check_environment(environment, slots: dict, fail) -> None:
+    """'environment': {"directories": [slot, ...], "files": [slot, ...], "setup": "shell lines"};
+    every value of a named slot is an absolute path."""
+    if not isinstance(environment, dict) or set(environment) - {"directories", "files", "setup"}:
+        fail("'environment' must be an object with 'directories', 'files' (lists of slot names) and 'setup' (text)")
+    for key in ("directories", "files"):
+        names = environment.get(key, [])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            fail(f"environment.{key} must be a list of slot names")
+        for name in names:
+            if name not in slots:
+                fail(f"environment.{key} names slot {name!r}, which is not in 'slots'")
+            bad = [v for v in slots[name] if not v.startswith("/") or "/../" in v + "/"]
+            if bad:
+                fail(f"environment.{key}: slot {name!r} holds {bad[0]!r}, not an absolute path")
+    if not isinstance(environment.get("setup", ""), str):
+        fail("environment.setup must be text (shell lines)")
 
 
 TABLE_FORMATS = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # file suffix -> datasets builder
@@ -681,6 +722,7 @@ class LanguageModel:
     weights: str  # how the base weights are stored: "nf4" (4-bit) or the compute dtype
     newline_ids: frozenset  # token ids whose text contains a newline
     stop_ids: frozenset  # token ids that end a sequence
+    fresh_adapter: dict  # the adapter's weights as initialised (--train-from base starts each cycle from them)
 
 
 def load_language_model(cfg: Config) -> LanguageModel:
@@ -721,12 +763,15 @@ def load_language_model(cfg: Config) -> LanguageModel:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    from peft.utils import get_peft_model_state_dict
+    fresh_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     newline_ids = frozenset(i for i, piece in enumerate(pieces) if "\n" in piece)
     eos = model.generation_config.eos_token_id
     stop_ids = frozenset([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) - {None}
     compute = str(dtype).removeprefix("torch.")
-    return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids)
+    return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids,
+                         fresh_adapter)
 
 
 def parameter_count(parameters) -> int:
@@ -1037,22 +1082,218 @@ def summarize(records: list[dict], scorer: str) -> dict:
                "acceptance_rate": round(accepted / n, 4) if n else 0.0,
                "mean_score": round(sum(r["score"] for r in records) / n, 4) if n else 0.0,
                "unusable_commands": sum(not r["usable"] for r in records)}
+    if records and "passed" in records[0]:  # the commands ran in the domain's file system
+        summary["execution_pass_rate"] = round(sum(r["passed"] for r in records) / n, 4)
+        summary["agreement_rate"] = round(sum(r["agreed"] for r in records) / n, 4)
     if scorer == "mix":
         summary["rating_parse_failures"] = sum(r["usable"] and bool(r["reconstruction"]) and r["rating"] is None
                                                for r in records)
     return summary | {"health": generation_health(records)}
 
 
-def select_for_training(records: list[dict], mode: str, rng: random.Random) -> list[int]:
-    """SELECT. threshold: the accepted candidates. all: every candidate with a command (no
-    selection). random: a random subset of those, of exactly the size threshold would keep."""
-    accepted = [i for i, r in enumerate(records) if r["accepted"]]
+def select_for_training(records: list[dict], mode: str, signal: str, rng: random.Random) -> list[int]:
+    """SELECT. threshold: the candidates the signal keeps (inversion: intrinsic score at or above
+    the threshold, as published; execution: the run passed; agreement: in its task's agreement
+    group; inversion+execution: both). all: every candidate with a command (no selection).
+    random: a random subset of those, of exactly the size the signal would keep."""
+    keeps = {"inversion": lambda r: r["accepted"], "execution": lambda r: r["passed"],
+             "agreement": lambda r: r["agreed"], "inversion+execution": lambda r: r["accepted"] and r["passed"]}
+    kept = [i for i, r in enumerate(records) if keeps[signal](r)]
     if mode == "threshold":
-        return accepted
+        return kept
     candidates = [i for i, r in enumerate(records) if r["command"]]
     if mode == "all":
         return candidates
-    return sorted(rng.sample(candidates, min(len(accepted), len(candidates))))
+    return sorted(rng.sample(candidates, min(len(kept), len(candidates))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution in a sandbox: the domain's own file system (--signal execution, agreement)
+# ---------------------------------------------------------------------------------------------
+
+SIGNALS = ("inversion", "execution", "agreement", "inversion+execution")
+FILLER_WORDS = ("alpha", "beta", "gamma", "delta", "data", "entry", "status", "report", "item", "total",
+                "config", "error", "warning", "user", "path", "result", "test", "done", "north", "south")
+FILE_STEMS = ("notes", "report", "main", "data", "setup", "readme", "draft", "output")
+
+
+def text_lines(rng: random.Random, patterns: list[str], n: int) -> list[str]:
+    """n lines of filler words; some hold one of the domain's patterns, some are blank, some
+    repeat the line before (so grep, sed, sort and uniq have something to find)."""
+    lines = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.1:
+            lines.append("")
+        elif roll < 0.2 and lines:
+            lines.append(lines[-1])
+        else:
+            line = rng.sample(FILLER_WORDS, rng.randint(2, 6))
+            if patterns and rng.random() < 0.4:
+                line.insert(rng.randrange(len(line) + 1), rng.choice(patterns))
+            if rng.random() < 0.3:
+                line.append(str(rng.randint(0, 999)))
+            lines.append(" ".join(line))
+    return lines
+
+
+def file_content(path: str, rng: random.Random, patterns: list[str]) -> str:
+    if path.endswith(".csv"):
+        rows = ["id,name,value,status"] + [f"{k},{rng.choice(FILLER_WORDS)},{rng.randint(0, 500)},"
+                                           f"{rng.choice(['open', 'done'])}" for k in range(1, rng.randint(4, 9))]
+        return "\n".join(rows) + "\n"
+    if path.endswith(".sh"):
+        return f"#!/bin/bash\necho {shlex.quote(' '.join(rng.sample(FILLER_WORDS, 3)))}\n"
+    return "\n".join(text_lines(rng, patterns, rng.randint(3, 12))) + "\n"
+
+
+def environment_script(domain: dict) -> str | None:
+    """Shell lines that build the domain's file system in an empty root, or None when the domain
+    has no environment. Built from the domain alone: its directory and file slots, each directory
+    holding a few generated files (the domain's extensions and patterns, blank and repeated lines,
+    a large file, an empty file and folder, a hidden file, old and new modification times).
+    Deterministic: the same lines for the same domain."""
+    environment = domain.get("environment")
+    if environment is None:
+        return None
+    slots = domain.get("slots", {})
+    rng = random.Random(f"{domain.get('name', '')}:environment")
+    patterns = slots.get("pattern", [])
+    extensions = slots.get("ext", ["txt"])
+    directories = sorted({v for name in environment.get("directories", []) for v in slots[name]})
+    files = sorted({v for name in environment.get("files", []) for v in slots[name]})
+    lines = ["set -e", "umask 022"]
+    write = lambda path, text: lines.append(f"printf %s {shlex.quote(text)} > {shlex.quote(path)}")  # noqa: E731
+    for directory in directories:
+        lines.append(f"mkdir -p {shlex.quote(directory)}")
+        stems = rng.sample(FILE_STEMS, 3)
+        for stem in stems:
+            path = f"{directory}/{stem}.{rng.choice(extensions)}"
+            write(path, file_content(path, rng, patterns) * (40 if rng.random() < 0.1 else 1))
+            if rng.random() < 0.5:
+                lines.append(f"touch -d '{rng.randint(3, 120)} days ago' {shlex.quote(path)}")
+        if rng.random() < 0.3:
+            lines.append(f": > {shlex.quote(directory + '/empty.txt')}")
+        if rng.random() < 0.3:
+            lines.append(f"mkdir -p {shlex.quote(directory + '/empty_dir')}")
+        if rng.random() < 0.3:
+            write(f"{directory}/.hidden", "hidden\n")
+    for path in files:
+        lines.append(f"mkdir -p {shlex.quote(str(Path(path).parent))}")
+        if path.endswith((".tar.gz", ".tgz")):
+            source = f"/tmp/{Path(path).name}.d"
+            lines.append(f"mkdir -p {shlex.quote(source + '/docs')}")
+            for stem in rng.sample(FILE_STEMS, 2):
+                write(f"{source}/docs/{stem}.txt", file_content(".txt", rng, patterns))
+            lines.append(f"tar --sort=name --mtime=@0 --owner=0 --group=0 -cf - -C {shlex.quote(source)} docs"
+                         f" | gzip -n > {shlex.quote(path)}")
+        else:
+            write(path, file_content(path, rng, patterns))
+    if environment.get("setup"):
+        lines.append(environment["setup"])
+    return "\n".join(lines) + "\n"
+
+
+SYNTAX_ERROR = re.compile(r"syntax error|unexpected EOF|unexpected end of file")
+NOT_FOUND = re.compile(r"command not found|^bash: line \d+: \S+: No such file or directory$", re.M)
+USAGE_ERROR = re.compile(r"\busage:|invalid option|unrecognized option|illegal option|unknown option|"
+                         r"option requires an argument|missing operand|missing (?:file )?argument|"
+                         r"invalid argument|Try '[^']*--help'", re.I)
+MISSING_FILE = re.compile(r"No such file or directory|cannot access|cannot stat|cannot open")
+
+
+def execution_verdict(run) -> str:
+    """"passed" when bash accepted the command, the programs it calls exist, it exited 0 within
+    the limits, printed no usage error or missing-file message, and did something observable
+    (printed output, or changed the file system); otherwise the first reason it did not."""
+    output = run.output
+    if run.timed_out:
+        return "timed out"
+    if run.truncated:
+        return "output past the cap"
+    if SYNTAX_ERROR.search(output):
+        return "syntax error"
+    if run.exit_code == 127 or NOT_FOUND.search(output):
+        return "program not found"
+    if USAGE_ERROR.search(output):
+        return "usage error"
+    if MISSING_FILE.search(output):
+        return "missing file"
+    if run.exit_code != 0:
+        return f"exit status {run.exit_code}"
+    if not output.strip() and not run.changes:
+        return "no effect"
+    return "passed"
+
+
+def execution_result(run) -> tuple:
+    """What a run did, for grouping: exit status, output, and the file-system change with the
+    new contents."""
+    return run.exit_code, run.output, tuple(sorted(run.changes)), tuple(sorted(run.signatures.items()))
+
+
+def agreement_group(runs: list) -> list[int]:
+    """MBR-exec over one task's candidates: the positions of the largest group of candidates with
+    the same execution result, among results that passed (neither empty nor an error), when the
+    group has at least two; else none. A tie goes to the group met first. A run may be None (no
+    command to run)."""
+    groups = {}
+    for i, run in enumerate(runs):
+        if run is not None and execution_verdict(run) == "passed":
+            groups.setdefault(execution_result(run), []).append(i)
+    largest = max(groups.values(), key=len, default=[])
+    return largest if len(largest) >= 2 else []
+
+
+EXECUTION_OUTPUT_KEPT = 300  # characters of output kept per candidate in examples_cycle_N.jsonl
+
+
+def execute_commands(sandbox, records: list[dict], copies: int) -> Stage:
+    """Every usable command runs in a fresh copy of the domain's file system (in parallel,
+    sandbox.workers at a time); each record gets its verdict ("passed" or why not), a short
+    record of the run, and whether it is in its task's agreement group (records come in runs of
+    `copies` per task)."""
+    usable = [i for i, r in enumerate(records) if r["usable"]]
+    start = time.perf_counter()
+    done = sandbox.run_all(["domain"] * len(usable), [records[i]["command"] for i in usable])
+    seconds = time.perf_counter() - start
+    runs = [None] * len(records)
+    for i, run in zip(usable, done):
+        runs[i] = run
+    agreed = set()
+    for first in range(0, len(records), copies):
+        agreed.update(first + k for k in agreement_group(runs[first:first + copies]))
+    executed = []
+    for i, (record, run) in enumerate(zip(records, runs)):
+        verdict = "unusable" if run is None else execution_verdict(run)
+        details = None if run is None else {
+            "exit_code": run.exit_code, "changes": len(run.changes), "seconds": run.seconds,
+            "output": run.output[:EXECUTION_OUTPUT_KEPT]}
+        executed.append(record | {"verdict": verdict, "passed": verdict == "passed", "agreed": i in agreed,
+                                  "execution": details})
+    return Stage(executed, {"execute_s": round(seconds, 3), "executed": len(usable)})
+
+
+def open_sandbox(cfg: Config, domain: dict):
+    """The sandbox with the domain's file system built, or None: for a domain without an
+    environment, or where bubblewrap cannot run and the signal does not need it (then execution
+    results are left out, said in one line)."""
+    script = environment_script(domain)
+    needs = cfg.signal != "inversion"
+    if script is None:
+        if needs:
+            raise UsageError(f"--signal {cfg.signal} runs commands in the domain's file system, and the "
+                             f"{domain_label(cfg)} domain has none (bash has one; a --tasks-file domain can "
+                             f"declare one, see README.md)")
+        return None
+    import nl2bash_eval
+    try:
+        return nl2bash_eval.Sandbox({"domain": (script, None)}, workers=cfg.eval_workers or os.cpu_count() or 1)
+    except nl2bash_eval.SandboxUnavailable as err:
+        if needs:
+            raise UsageError(f"--signal {cfg.signal}: {err}") from None
+        print(f"execution off: {err}", flush=True)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1152,6 +1393,12 @@ def completion_loss(model, batch: dict):
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
 
 
+def restart_adapter(lm: LanguageModel) -> None:
+    """The adapter back to its initial weights (--train-from base)."""
+    from peft.utils import set_peft_model_state_dict
+    set_peft_model_state_dict(lm.model, lm.fresh_adapter)
+
+
 def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]], seed: int) -> dict:
     """One epoch of LoRA training on (task, command) pairs, formatted exactly as the generation
     prompt followed by the command and EOS. A fresh AdamW each cycle; the adapter carries over."""
@@ -1205,7 +1452,7 @@ def evaluation_items(cfg: Config) -> list[dict] | None:
         return None
     import nl2bash_eval
     try:
-        return nl2bash_eval.load_items(cfg.eval_limit or None)
+        return nl2bash_eval.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"external evaluation off: {err}", flush=True)
         return None
@@ -1246,7 +1493,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     start = time.perf_counter()
     try:
         # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
-        with nl2bash_eval.Evaluator(items, workers=cfg.eval_workers) as evaluator:
+        with nl2bash_eval.Evaluator(items, workers=cfg.eval_workers or os.cpu_count() or 1) as evaluator:
             results = evaluator.score([r["command"] for r in written.records])
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"  eval    skipped: {err}", flush=True)
@@ -1410,9 +1657,10 @@ def check_run_directory(cfg: Config, run_dir: Path) -> dict | None:
         raise UsageError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
     progress = read_progress(progress_file)
     saved = progress["history"]["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # settings added after the run was made
     for key, value in experiment_settings(cfg).items():
-        if saved.get(key) != value:
-            raise UsageError(f"--resume: this run was made with {key}={saved.get(key)!r}, not {value!r}; "
+        if saved.get(key, defaults[key]) != value:
+            raise UsageError(f"--resume: this run was made with {key}={saved.get(key, defaults[key])!r}, not {value!r}; "
                              f"resuming with a different {key} would change the experiment")
     if progress["last_completed_cycle"] < cfg.cycles:
         check_checkpoint(run_dir, progress["last_completed_cycle"])
@@ -1652,7 +1900,9 @@ def log_stage(label: str, stage: Stage, summary: dict) -> None:
     print(f"  {label:<7} {summary['accepted']:>3}/{summary['total_generated']} accepted, mean score "
           f"{summary['mean_score']:.3f}, unusable {summary['unusable_commands']} | generate {t['generate_s']:.1f}s "
           f"({tokens_per_s(t['generate_tokens'], t['generate_s'])} tok/s), invert {t['invert_s']:.1f}s "
-          f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s", flush=True)
+          f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s"
+          + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f} "
+             f"({t['execute_s']:.1f}s)" if "execute_s" in t else ""), flush=True)
 
 
 def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
@@ -1680,8 +1930,6 @@ def run(cfg: Config) -> dict:
     run_dir = run_directory(cfg)
     saved = check_run_directory(cfg, run_dir)
     domain = load_domain(cfg)
-    probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")), distinct=True)
-    probe_texts = frozenset(t.text for t in probe_tasks)
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
               f"(raise --cycles to continue)")
@@ -1689,6 +1937,16 @@ def run(cfg: Config) -> dict:
             prepare_run_directory(run_dir, saved["last_completed_cycle"])
             write_results(run_dir, saved["history"], wall_s=None)
         return saved
+    sandbox = open_sandbox(cfg, domain)
+    with sandbox if sandbox is not None else contextlib.nullcontext():
+        return run_cycles(cfg, run_dir, saved, domain, sandbox)
+
+
+def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox) -> dict:
+    """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
+    commands in the domain's file system (None: not run)."""
+    probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")), distinct=True)
+    probe_texts = frozenset(t.text for t in probe_tasks)
     prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
     eval_items = evaluation_items(cfg)
 
@@ -1712,7 +1970,8 @@ def run(cfg: Config) -> dict:
             tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
         stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
                           label=f"batch {index}")
-        return Stage(stage.records, stage.timing | task_info)
+        executed = execute_commands(sandbox, stage.records, cfg.candidates) if sandbox else Stage(stage.records, {})
+        return Stage(executed.records, stage.timing | executed.timing | task_info)
 
     def probe(cycle: int) -> tuple[dict, list[dict]]:
         """The fixed probe set, greedy, judged by the run's judge and by the frozen base model."""
@@ -1722,20 +1981,22 @@ def run(cfg: Config) -> dict:
         written = write_commands(lm, cfg, probe_tasks, copies=1, greedy=True, seed=seed, label="probe")
         judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen", greedy=True,
                                 seed=seed, label="probe")
+        executed = execute_commands(sandbox, judged.records, 1) if sandbox else Stage(judged.records, {})
         # before any training the adapter adds exactly zero: the frozen judge is the run's judge
         frozen = judged if cfg.judge == "frozen" or cycle == 0 else judge_commands(
             lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed, label="probe, frozen judge")
         records = [r | {"frozen_reconstruction": f["reconstruction"], "frozen_score": f["score"]}
-                   for r, f in zip(judged.records, frozen.records)]
+                   for r, f in zip(executed.records, frozen.records)]
         frozen_summary = summarize(frozen.records, cfg.scorer)
-        seconds = sum(v for t in (written.timing, judged.timing, frozen.timing if frozen is not judged else {})
-                      for k, v in t.items() if k.endswith("_s"))
-        summary = summarize(judged.records, cfg.scorer) | {
+        seconds = sum(v for t in (written.timing, judged.timing, executed.timing, frozen.timing if frozen is not judged
+                                  else {}) for k, v in t.items() if k.endswith("_s"))
+        summary = summarize(executed.records, cfg.scorer) | {
             "frozen_mean_score": frozen_summary["mean_score"],
             "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
+        passed = f", execution passed {summary['execution_pass_rate']:.2f}" if "execution_pass_rate" in summary else ""
         print(f"  probe   mean score {summary['mean_score']:.3f} (frozen judge {summary['frozen_mean_score']:.3f}), "
               f"accepted {summary['accepted']}/{summary['total_generated']}, unusable "
-              f"{summary['unusable_commands']} ({seconds:.1f}s)", flush=True)
+              f"{summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
         return summary, records
 
     if saved is None:
@@ -1767,9 +2028,12 @@ def run(cfg: Config) -> dict:
         before = summarize(before_stage.records, cfg.scorer)
         log_stage("before", before_stage, before)
 
-        chosen = select_for_training(before_stage.records, cfg.select, random.Random(stage_seed(cfg.seed, "select", cycle)))
+        chosen = select_for_training(before_stage.records, cfg.select, cfg.signal,
+                                     random.Random(stage_seed(cfg.seed, "select", cycle)))
         selected = [{k: before_stage.records[i][k] for k in ("task", "tool", "command")} for i in chosen]
-        pool = pool + selected if cfg.data == "cumulative" else selected
+        pool = pool + selected if cfg.data == "cumulative" or cfg.train_from == "base" else selected
+        if cfg.train_from == "base":  # ReST-EM: every cycle trains a fresh adapter on all selected so far
+            restart_adapter(lm)
         training = {"selected": len(selected)} | train_adapter(
             lm, cfg, [(Task(p["task"], p["tool"]), p["command"]) for p in pool], seed=stage_seed(cfg.seed, "train", cycle))
         if training["skipped"]:

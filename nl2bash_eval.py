@@ -97,13 +97,15 @@ def icalfa_asset(relative: str) -> Path:
     return path
 
 
-def load_items(limit: int | None = None) -> list[dict]:
-    """The benchmark items in a fixed order (group 1 to 5, file order within a group), each
-    {"id", "group", "query", "gold", "gold2", "difficulty"}. `limit` takes an evenly spread
-    subset (positions floor(i * 300 / limit)), the same every call, so quick runs compare
-    across cycles and cover every group in proportion."""
+def load_items(limit: int | None = None, groups: tuple[int, ...] = GROUPS) -> list[dict]:
+    """The benchmark items of the given file-system groups in a fixed order (group by group, file
+    order within a group), each {"id", "group", "query", "gold", "gold2", "difficulty"}.
+    `limit` takes an evenly spread subset (positions floor(i * n / limit)), the same every call,
+    so quick runs compare across cycles and cover every group in proportion."""
+    if not groups or any(g not in GROUPS for g in groups):
+        raise ValueError(f"file systems are numbered {GROUPS[0]} to {GROUPS[-1]}, got {list(groups)}")
     items = []
-    for group in GROUPS:
+    for group in sorted(set(groups)):
         records = json.loads(icalfa_asset(f"datasets/nl2bash_fs_{group}.json").read_text())
         for index, record in enumerate(records):
             items.append({"id": f"fs{group}-{index:03d}", "group": group, "query": record["query"],

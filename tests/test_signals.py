@@ -1,0 +1,214 @@
+"""Label-free signals (--signal) and --train-from: verdicts and agreement groups with known
+answers on commands written here, run in the bash domain's own sandboxed file system; selection
+per signal; the domain's environment kept apart from the benchmark; end-to-end runs on a tiny
+model whose commands are replaced by known ones."""
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import figures, one_line_error, read_progress, refuse_model_loading, tiny_args
+
+import intrinsic_self_improvement as isi
+import nl2bash_eval as ne
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    try:
+        box = ne.Sandbox({"domain": (isi.environment_script(isi.BASH_DOMAIN), None)}, workers=2, timeout_s=2.0)
+    except ne.SandboxUnavailable as error:
+        pytest.skip(str(error))
+    with box:
+        yield box
+
+
+# (command, verdict) in the bash domain's file system
+VERDICTS = [
+    ("find /testbed -name '*.txt'", "passed"),
+    ("grep -c a /testbed/dir1/textfile1.txt", "passed"),
+    ("mkdir /backup/new", "passed"),  # prints nothing, changes the file system
+    ("tar -tzf /workspace/archive.tar.gz", "passed"),
+    ("cut -d, -f1 /workspace/dir2/csvfile1.csv | head -n 2", "passed"),
+    ("true", "no effect"),
+    ("grep zzz_not_there /testbed/textfile7.txt", "exit status 1"),
+    ("nmapx -p 22 localhost", "program not found"),
+    ("ls /testbed | nosuchprogram", "program not found"),  # exit 0 from the pipeline, still not found
+    ("grep -Q x /testbed/textfile7.txt", "usage error"),
+    ("cp /testbed/textfile7.txt", "usage error"),
+    ("cat /testbed/missing.txt | wc -l", "missing file"),  # exit 0, but it read nothing
+    ("echo 'unterminated", "syntax error"),
+    ("sleep 30", "timed out"),
+    ("yes", "output past the cap"),
+]
+
+
+def test_execution_verdicts_of_known_commands(sandbox):
+    commands = [c for c, _ in VERDICTS]
+    runs = sandbox.run_all(["domain"] * len(commands), commands)
+    assert [isi.execution_verdict(r) for r in runs] == [v for _, v in VERDICTS]
+
+
+def test_agreement_groups_commands_by_what_they_do(sandbox):
+    task = ["ls /testbed", "ls /testbed/", "ls -a /testbed", "cd /testbed && ls", "ls /nothing"]
+    runs = sandbox.run_all(["domain"] * len(task), task)
+    assert isi.agreement_group(runs) == [0, 1, 3]  # same output; -a differs; the error is no result
+    changes = ["mkdir /backup/x", "mkdir -p /backup/x", "mkdir /backup/y", "true", "true"]
+    runs = sandbox.run_all(["domain"] * len(changes), changes)
+    assert isi.agreement_group(runs) == [0, 1]  # same change; `true` agrees with itself but does nothing
+
+
+def run_of(output="", changes=(), exit_code=0, **kw) -> ne.Execution:
+    changes = frozenset(changes)
+    return ne.Execution(output=output, changes=changes, signatures={p: "file:0644:x" for p, k in changes if k != "deleted"},
+                        exit_code=exit_code, **kw)
+
+
+@pytest.mark.parametrize("runs, kept", [
+    ([run_of("a"), run_of("b"), run_of("a")], [0, 2]),
+    ([run_of("a"), run_of("b"), run_of("c")], []),  # no group of two
+    ([run_of("a"), run_of("b"), run_of("b"), run_of("a")], [0, 3]),  # a tie goes to the group met first
+    ([run_of(""), run_of(""), run_of("x")], []),  # agreeing on nothing observable
+    ([run_of("usage: x", exit_code=2)] * 3 + [run_of("ok")] * 2, [3, 4]),  # the larger group is an error
+    ([run_of("t", timed_out=True, exit_code=None)] * 2, []),
+    ([None, run_of("a"), None, run_of("a")], [1, 3]),  # no command to run
+    ([run_of(changes={("/f", "added")}), run_of(changes={("/f", "added")}), run_of("a")], [0, 1]),
+    ([run_of("a", exit_code=0), run_of("a", exit_code=1)], []),  # same output, different exit status
+])
+def test_agreement_group_known_answers(runs, kept):
+    assert isi.agreement_group(runs) == kept
+
+
+def test_selection_per_signal():
+    flags = [(True, True, False), (True, False, False), (False, True, True), (False, False, False), (True, True, True)]
+    records = [{"command": "c", "accepted": a, "passed": p, "agreed": g} for a, p, g in flags]
+    pick = lambda signal, mode="threshold": isi.select_for_training(records, mode, signal, random.Random(0))  # noqa: E731
+    assert pick("inversion") == [0, 1, 4]
+    assert pick("execution") == [0, 2, 4]
+    assert pick("agreement") == [2, 4]
+    assert pick("inversion+execution") == [0, 4]
+    assert len(pick("agreement", "random")) == 2 and pick("execution", "all") == [0, 1, 2, 3, 4]
+
+
+def test_the_environment_is_built_from_the_domain_alone():
+    script = isi.environment_script(isi.BASH_DOMAIN)
+    assert script == isi.environment_script(isi.BASH_DOMAIN)  # deterministic
+    assert isi.environment_script(isi.PENTEST_DOMAIN) is None
+    try:
+        items = ne.load_items()
+        setups = "".join(ne.icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh").read_text() for g in ne.GROUPS)
+    except ne.SandboxUnavailable as error:
+        pytest.skip(str(error))
+    for item in items:  # no query and no gold command reaches it (but for a few like `w`, too short to tell)
+        for text in (item["query"], item["gold"], item["gold2"]):
+            assert len(text) < 12 or text not in script
+    # no line of the benchmark's file contents either (lines long enough to be content, not a path)
+    ours = {line.strip() for line in script.splitlines() if len(line.strip()) >= 16 and "/" not in line}
+    theirs = {line.strip() for line in setups.splitlines()}
+    assert ours and not ours & theirs
+
+
+def test_a_domain_environment_is_checked():
+    domain = {"slots": {"d": ["/data"], "w": ["word"]}, "templates": [{"task": "List {d}"}]}
+    assert isi.check_domain(domain | {"environment": {"directories": ["d"], "setup": "touch /data/x"}}, "t")
+    for environment, message in [({"directories": ["nope"]}, "not in 'slots'"), ({"files": ["w"]}, "not an absolute path"),
+                                 ({"folders": ["d"]}, "must be an object"), ({"setup": 3}, "must be text")]:
+        with pytest.raises(isi.UsageError, match=message):
+            isi.check_domain(domain | {"environment": environment}, "t")
+
+
+def test_signal_needing_an_environment_is_refused_without_one(tmp_path, capsys, monkeypatch):
+    refuse_model_loading(monkeypatch)
+    assert isi.main(["--output", str(tmp_path), "--signal", "execution"]) == 2  # pentest: no file system
+    assert "pentest domain has none" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("value", ["0", "6", "1,x", "", "3;4"])
+def test_bad_eval_fs_is_one_line(value, tmp_path, capsys, monkeypatch):
+    refuse_model_loading(monkeypatch)
+    assert isi.main(["--output", str(tmp_path), "--eval-fs", value]) == 2
+    assert "--eval-fs" in one_line_error(capsys)
+
+
+def test_items_by_file_system():
+    try:
+        every = ne.load_items()
+    except ne.SandboxUnavailable as error:
+        pytest.skip(str(error))
+    chosen = ne.load_items(groups=(3, 5))
+    assert {i["group"] for i in chosen} == {3, 5}
+    assert chosen == [i for i in every if i["group"] in (3, 5)]
+    assert {i["group"] for i in ne.load_items(4, groups=(1, 2))} <= {1, 2}
+    with pytest.raises(ValueError):
+        ne.load_items(groups=(6,))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a tiny model whose outputs are mapped onto known commands
+# ---------------------------------------------------------------------------------------------
+
+KNOWN_COMMANDS = ["ls /testbed", "wc -l /testbed/textfile7.txt", "nosuchprogram /testbed", "true", "ls /testbed"]
+
+
+@pytest.fixture
+def known_commands(monkeypatch):
+    """The tiny model's text picks one of KNOWN_COMMANDS (by its length): some pass, some fail,
+    some agree, as a real model's would, but known here."""
+    monkeypatch.setattr(isi, "extract_command", lambda output: KNOWN_COMMANDS[len(output) % len(KNOWN_COMMANDS)])
+
+
+def examples(run_dir, cycle) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / f"examples_cycle_{cycle}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signal, flag", [("execution", "passed"), ("agreement", "agreed"),
+                                          ("inversion+execution", None)])
+def test_a_run_trains_on_what_its_signal_keeps(signal, flag, tiny_model_dir, tmp_path, known_commands, sandbox):
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "s", "--domain", "bash",
+                     "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.13")
+    assert isi.main(args) == 0
+    history = read_progress(tmp_path / "s")["history"]
+    for cycle in (1, 2):
+        rows = examples(tmp_path / "s", cycle)
+        expected = {"ls /testbed": "passed", "wc -l /testbed/textfile7.txt": "passed",
+                    "nosuchprogram /testbed": "program not found", "true": "no effect"}
+        assert {r["command"]: r["verdict"] for r in rows} == expected
+        assert all({"score", "accepted", "verdict", "passed", "agreed", "execution"} <= set(r) for r in rows)
+        before = [r for r in rows if r["stage"] == "before"]
+        keep = {"passed": lambda r: r["passed"], "agreed": lambda r: r["agreed"],
+                None: lambda r: r["passed"] and r["accepted"]}[flag]
+        assert [r["selected"] for r in before] == [keep(r) for r in before]
+        summary = history["cycles"][cycle - 1]["before"]
+        assert summary["execution_pass_rate"] == round(sum(r["passed"] for r in before) / len(before), 4)
+        assert history["cycles"][cycle - 1]["training"]["selected"] == sum(r["selected"] for r in before)
+        assert history["cycles"][cycle - 1]["timing"]["before"]["execute_s"] >= 0
+        assert "execution_pass_rate" in history["cycles"][cycle - 1]["probe"]
+    before = [r for c in (1, 2) for r in examples(tmp_path / "s", c) if r["stage"] == "before"]
+    assert any(r["selected"] for r in before) and not all(r["selected"] for r in before)  # not trivially so
+
+
+def test_train_from_base_trains_a_fresh_adapter_on_all_selected_and_resumes(tiny_model_dir, tmp_path, known_commands,
+                                                                           sandbox):
+    base = ("--domain", "bash", "--signal", "execution", "--train-from", "base")
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "straight", *base)) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "split", *base)) == 0
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "split", "--resume", *base)) == 0
+    straight = read_progress(tmp_path / "straight")
+    assert figures(read_progress(tmp_path / "split")) == figures(straight)
+    cycles = straight["history"]["cycles"]
+    selected = [c["training"]["selected"] for c in cycles]
+    assert [c["training"]["pairs"] for c in cycles] == [sum(selected[:k + 1]) for k in range(3)]  # everything so far
+    assert selected[0] > 0
+
+
+def test_restart_adapter_restores_the_initial_weights(tiny_model_dir):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32"])
+    lm = isi.load_language_model(cfg)
+    initial = {n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
+    isi.train_adapter(lm, cfg, [(isi.Task("List /testbed"), "ls /testbed")] * 4, seed=0)
+    trained = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(initial[n], p) for n, p in trained.items())
+    isi.restart_adapter(lm)
+    assert all(torch.equal(initial[n], p) for n, p in lm.model.named_parameters() if p.requires_grad)
