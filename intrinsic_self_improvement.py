@@ -1810,54 +1810,87 @@ def fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def compare_runs(run_dirs: list[str], plot_path: Path) -> str:
-    """A table of runs side by side, and groups of runs that differ only by seed, averaged."""
+def eval_figures(run_dir: str, history: dict, cycle: int, groups: tuple[int, ...] | None) -> dict:
+    """NL2Bash figures of a run's evaluation after `cycle` (0: before training), {} if none; with
+    `groups`, recomputed from eval_cycle_N.jsonl over the items of those file systems only."""
+    saved = history.get("eval_initial") if cycle == 0 else history["cycles"][cycle - 1].get("eval")
+    if not saved or groups is None:
+        return saved or {}
+    import nl2bash_eval
+    path = Path(run_dir) / f"eval_cycle_{cycle}.jsonl"
+    if not path.is_file():
+        return {}
+    records = [r for r in read_jsonl(path) if int(r["id"].split("-")[0].removeprefix("fs")) in groups]
+    return nl2bash_eval.aggregate(records) if records else {}
+
+
+def experiment_label(config: dict) -> str:
+    """The settings that tell apart the kinds of runs compare groups (older runs lack the newer ones)."""
+    return (f"signal={config.get('signal', 'inversion')} train-from={config.get('train_from', 'previous')} "
+            f"select={config.get('select')} data={config.get('data')} judge={config.get('judge')} "
+            f"scorer={config.get('scorer')}")
+
+
+def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None) -> str:
+    """A table of runs side by side, and groups of runs that differ only by seed, averaged. With
+    `groups`, the NL2Bash figures are over the items of those file systems only."""
     runs = {d: load_run(d)["history"] for d in run_dirs}
-    columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "copy N", "eval success 0->N"]
-    rows = []
+    columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "exec pass N", "copy N",
+               "eval success 0->N", "eval reward 0->N", "NLC2CMD 0->N"]
+    rows, finals = [], {}
     for d, h in runs.items():
         last = h["cycles"][-1] if h["cycles"] else {}
         probe0, probe = h.get("probe_initial", {}).get("mean_score"), last.get("probe", {})
-        eval0, evaln = h.get("eval_initial") or {}, last.get("eval") or {}
+        eval0, evaln = eval_figures(d, h, 0, groups), eval_figures(d, h, len(h["cycles"]), groups) if last else {}
+        finals[d] = evaln
         after = last.get("after", {})
         rows.append([Path(d).name, str(len(h["cycles"])), f"{fmt(probe0)} -> {fmt(probe.get('mean_score'))}",
                      fmt(probe.get("frozen_mean_score")), fmt(after.get("mean_score")), fmt(after.get("acceptance_rate")),
-                     fmt(after.get("health", {}).get("copy_rate")),
-                     f"{fmt(eval0.get('success_rate'))} -> {fmt(evaln.get('success_rate'))}" if eval0 else "-"])
-    groups = {}
+                     fmt(after.get("execution_pass_rate", "-")), fmt(after.get("health", {}).get("copy_rate"))]
+                    + [f"{fmt(eval0.get(k))} -> {fmt(evaln.get(k))}" if eval0 else "-"
+                       for k in ("success_rate", "mean_reward", "nlc2cmd")])
+    groups_of_runs = {}
     for d, h in runs.items():
         key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
-        groups.setdefault(key, []).append(d)
+        groups_of_runs.setdefault(key, []).append(d)
     lines = [" | ".join(columns), " | ".join("---" for _ in columns)] + [" | ".join(r) for r in rows]
-    seeded = {key: dirs for key, dirs in groups.items() if len(dirs) > 1}
+    if groups is not None:
+        lines.append(f"(NL2Bash figures over the items of file systems {', '.join(map(str, groups))})")
+    seeded = {key: dirs for key, dirs in groups_of_runs.items() if len(dirs) > 1}
     if seeded:
         lines += ["", "runs that differ only by seed (mean ± std over seeds, final cycle):"]
         for key, dirs in seeded.items():
-            config = json.loads(key)
-            finals = [runs[d]["cycles"][-1] for d in dirs if runs[d]["cycles"]]
-            name = f"select={config.get('select')} data={config.get('data')} judge={config.get('judge')} " \
-                   f"scorer={config.get('scorer')} ({len(dirs)} seeds)"
-            parts = [f"probe {spread([c['probe']['mean_score'] for c in finals])}",
-                     f"frozen probe {spread([c['probe']['frozen_mean_score'] for c in finals])}"]
-            if all(c.get("eval") for c in finals):
-                parts.append(f"eval success {spread([c['eval']['success_rate'] for c in finals])}")
-            lines.append(f"  {name}: " + ", ".join(parts))
+            done = [d for d in dirs if runs[d]["cycles"]]
+            last = [runs[d]["cycles"][-1] for d in done]
+            parts = [f"probe {spread([c['probe']['mean_score'] for c in last])}",
+                     f"frozen probe {spread([c['probe']['frozen_mean_score'] for c in last])}"]
+            if all("execution_pass_rate" in c["after"] for c in last):
+                parts.append(f"exec pass {spread([c['after']['execution_pass_rate'] for c in last])}")
+            if all(finals[d] for d in done):
+                parts += [f"eval {name} {spread([finals[d][k] for d in done])}" for name, k in
+                          (("success", "success_rate"), ("reward", "mean_reward"), ("NLC2CMD", "nlc2cmd"))]
+            lines.append(f"  {experiment_label(json.loads(key))} ({len(dirs)} seeds): " + ", ".join(parts))
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    has_eval = any(h.get("eval_initial") for h in runs.values())
-    metrics = [("probe score", ("probe", "mean_score"), "probe_initial"),
-               ("probe score, frozen judge", ("probe", "frozen_mean_score"), "probe_initial")]
-    if has_eval:
-        metrics.append(("external success rate", ("eval", "success_rate"), "eval_initial"))
+    def evaluated(d: str, h: dict) -> dict:
+        cycles = [0] + [c["cycle"] for c in h["cycles"] if c.get("eval")] if h.get("eval_initial") else []
+        return {x: eval_figures(d, h, x, groups).get("success_rate") for x in cycles}
+    metrics = [("probe score", lambda d, h: dict(zip(*curve(h, "probe", "mean_score", initial="probe_initial")))),
+               ("probe score, frozen judge",
+                lambda d, h: dict(zip(*curve(h, "probe", "frozen_mean_score", initial="probe_initial"))))]
+    if any(h.get("eval_initial") for h in runs.values()):
+        where = "" if groups is None else f" (file systems {','.join(map(str, groups))})"
+        metrics.append(("NL2Bash success rate" + where, evaluated))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), constrained_layout=True, squeeze=False)
-    for ax, (title, keys, initial) in zip(axes[0], metrics):
-        for key, dirs in groups.items():
+    for ax, (title, series_of) in zip(axes[0], metrics):
+        for key, dirs in groups_of_runs.items():
             config = json.loads(key)
-            label = f"{config.get('select')}/{config.get('data')}/{config.get('judge')}/{config.get('scorer')}"
-            series = [dict(zip(*curve(runs[d], *keys, initial=initial))) for d in dirs]
+            label = f"{config.get('signal', 'inversion')}/{config.get('train_from', 'previous')}/" \
+                    f"{config.get('select')}/{config.get('data')}/{config.get('judge')}/{config.get('scorer')}"
+            series = [{x: y for x, y in series_of(d, runs[d]).items() if y is not None} for d in dirs]
             xs = sorted(set.intersection(*(set(s) for s in series)))
             if not xs:
                 continue
@@ -2109,8 +2142,10 @@ def main(argv: list[str] | None = None) -> int:
                                              description="Compare runs side by side: a table and one plot.")
             parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
             parser.add_argument("--plot", default="output/comparison.png", help="where to write the plot")
+            parser.add_argument("--eval-fs", default=None, help="NL2Bash figures over these file systems only, e.g. 3,4,5")
             args = parser.parse_args(argv[1:])
-            print(compare_runs(args.run_dirs, Path(args.plot)))
+            groups = None if args.eval_fs is None else eval_groups(Config(eval_fs=args.eval_fs))
+            print(compare_runs(args.run_dirs, Path(args.plot), groups))
         else:
             cfg = parse_config(argv)
             run(cfg)
