@@ -12,6 +12,10 @@ parsed with bashlex) and whitespace-normalised exact match are reported beside i
         results = evaluator.score(commands)        # one command per item, in order
     print(summarize(results, items))
 
+    # any file system of your own: a setup script, then commands in fresh copies of its result
+    with Sandbox({"mine": ("mkdir -p /data && echo hi > /data/a.txt", None)}) as sandbox:
+        runs = sandbox.run_all(["mine", "mine"], ["cat /data/a.txt", "rm /data/a.txt"])
+
     # self-check: score the gold commands against themselves, print timings
     python nl2bash_eval.py --limit 60
 

@@ -187,6 +187,17 @@ def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
     assert results["eval_success_initial"] == initial["success_rate"]
     assert results["eval_commands"] == 12  # pooled over the two evaluations
     assert "eval_spearman_score_reward" in results
+    # figures over some file systems only, recomputed from the records
+    history = read_progress(run_dir)["history"]
+    for groups in ((1, 2), (3, 4, 5)):
+        chosen = [r for r in records if int(r["id"][2]) in groups]
+        assert 0 < len(chosen) < 6
+        figures_there = isi.eval_figures(str(run_dir), history, 2, groups)
+        assert figures_there["n"] == len(chosen)
+        assert figures_there["mean_reward"] == pytest.approx(sum(r["reward"] for r in chosen) / len(chosen))
+    table = isi.compare_runs([str(run_dir)], tmp_path / "cmp.png", (3, 4, 5))
+    assert "file systems 3, 4, 5" in table
+    assert isi.eval_figures(str(run_dir), history, 2, None) == history["cycles"][1]["eval"]
 
 
 def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -212,3 +212,18 @@ def test_restart_adapter_restores_the_initial_weights(tiny_model_dir):
     assert any(not torch.equal(initial[n], p) for n, p in trained.items())
     isi.restart_adapter(lm)
     assert all(torch.equal(initial[n], p) for n, p in lm.model.named_parameters() if p.requires_grad)
+
+
+def test_without_a_sandbox_execution_is_off_or_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no bwrap to be found: nothing may run unsandboxed
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "off", "--domain", "bash")) == 0
+    assert "execution off: bubblewrap not found" in capsys.readouterr().out
+    rows = examples(tmp_path / "off", 1)
+    assert rows and not any("verdict" in r for r in rows)  # no execution results, none made up
+    refuse_model_loading(monkeypatch)
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "refused", "--domain", "bash",
+                     "--signal", "agreement")
+    assert isi.main(args) == 2
+    assert "--signal agreement: bubblewrap not found" in one_line_error(capsys)
