@@ -77,7 +77,7 @@ class Config:
     judge: str = field(default="self", metadata={"help": "self: the trained model inverts and rates (published); frozen: the base model, adapter disabled", "choices": ["self", "frozen"]})
     task_source: str = field(default="templates", metadata={"help": "templates: tasks from the domain's templates; model: the model writes its own tasks, few-shot from them", "choices": ["templates", "model"]})
     eval: str = field(default="none", metadata={"help": "external evaluation: nl2bash runs the model's commands for InterCode's NL2Bash in a sandbox", "choices": ["none", "nl2bash"]})
-    eval_every: int = field(default=1, metadata={"help": "evaluate before cycle 1, every this many cycles, and after the last"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate before cycle 1, every this many cycles, and after the last; 0: after the last cycle only (the untrained model's figures are the same for every seed and signal)"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on this many NL2Bash items (a fixed subset); 0 means all 300"})
     eval_fs: str = field(default="1,2,3,4,5", metadata={"help": "NL2Bash file systems to evaluate on, comma-separated (items of the others are left out)"})
     eval_workers: int = field(default=0, metadata={"help": "commands run in parallel sandboxes (evaluation and --signal execution); 0 means one per CPU core"})
@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(cfg: Config) -> Config:
     """Reject settings that cannot make a run, before anything heavy happens."""
     for name in ("cycles", "tasks", "candidates", "batch_size", "lora_r", "lora_alpha",
-                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size", "eval_every"):
+                 "max_command_tokens", "max_inversion_tokens", "gen_batch_size"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.eval_every < 0:
+        raise UsageError(f"--eval-every must be zero (the last cycle only) or positive, got {cfg.eval_every}")
     if cfg.eval_workers < 0:
         raise UsageError(f"--eval-workers must be zero (one per core) or positive, got {cfg.eval_workers}")
     eval_groups(cfg)
@@ -1816,12 +1818,16 @@ def eval_figures(run_dir: str, history: dict, cycle: int, groups: tuple[int, ...
     saved = history.get("eval_initial") if cycle == 0 else history["cycles"][cycle - 1].get("eval")
     if not saved or groups is None:
         return saved or {}
-    import nl2bash_eval
     path = Path(run_dir) / f"eval_cycle_{cycle}.jsonl"
-    if not path.is_file():
-        return {}
-    records = [r for r in read_jsonl(path) if int(r["id"].split("-")[0].removeprefix("fs")) in groups]
-    return nl2bash_eval.aggregate(records) if records else {}
+    return figures_over(read_jsonl(path), groups) if path.is_file() else {}
+
+
+def figures_over(records: list[dict], groups: tuple[int, ...]) -> dict:
+    """Success, reward, NLC2CMD and exact match of evaluated records (eval_cycle_N.jsonl rows, or
+    nl2bash_eval results) over the items of some file systems; {} when none is there."""
+    import nl2bash_eval
+    chosen = [r for r in records if int(r["id"].split("-")[0].removeprefix("fs")) in groups]
+    return nl2bash_eval.aggregate(chosen) if chosen else {}
 
 
 def experiment_label(config: dict) -> str:
@@ -1847,7 +1853,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
         rows.append([Path(d).name, str(len(h["cycles"])), f"{fmt(probe0)} -> {fmt(probe.get('mean_score'))}",
                      fmt(probe.get("frozen_mean_score")), fmt(after.get("mean_score")), fmt(after.get("acceptance_rate")),
                      fmt(after.get("execution_pass_rate", "-")), fmt(after.get("health", {}).get("copy_rate"))]
-                    + [f"{fmt(eval0.get(k))} -> {fmt(evaln.get(k))}" if eval0 else "-"
+                    + [f"{fmt(eval0.get(k, '-'))} -> {fmt(evaln.get(k))}" if eval0 or evaln else "-"
                        for k in ("success_rate", "mean_reward", "nlc2cmd")])
     groups_of_runs = {}
     for d, h in runs.items():
@@ -1876,12 +1882,12 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     def evaluated(d: str, h: dict) -> dict:
-        cycles = [0] + [c["cycle"] for c in h["cycles"] if c.get("eval")] if h.get("eval_initial") else []
+        cycles = [0] * bool(h.get("eval_initial")) + [c["cycle"] for c in h["cycles"] if c.get("eval")]
         return {x: eval_figures(d, h, x, groups).get("success_rate") for x in cycles}
     metrics = [("probe score", lambda d, h: dict(zip(*curve(h, "probe", "mean_score", initial="probe_initial")))),
                ("probe score, frozen judge",
                 lambda d, h: dict(zip(*curve(h, "probe", "frozen_mean_score", initial="probe_initial"))))]
-    if any(h.get("eval_initial") for h in runs.values()):
+    if any(c.get("eval") for h in runs.values() for c in h["cycles"]):
         where = "" if groups is None else f" (file systems {','.join(map(str, groups))})"
         metrics.append(("NL2Bash success rate" + where, evaluated))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), constrained_layout=True, squeeze=False)
@@ -2038,7 +2044,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         print("cycle 0 (before any training)", flush=True)
         history["probe_initial"], records = probe(0)
         write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
-        if eval_items:
+        if eval_items and cfg.eval_every:
             history["eval_initial"], records = external_evaluation(lm, embedder, cfg, eval_items, 0)
             write_jsonl(run_dir / "eval_cycle_0.jsonl", records)
         pending, pool, first_cycle = new_batch(1), [], 1
@@ -2082,7 +2088,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         log_stage("after", after_stage, after)
         probe_summary, probe_records = probe(cycle)
         evaluation = None
-        if eval_items and (cycle % cfg.eval_every == 0 or cycle == cfg.cycles):
+        if eval_items and ((cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles):
             evaluation, records = external_evaluation(lm, embedder, cfg, eval_items, cycle)
             write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
 
