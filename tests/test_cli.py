@@ -35,6 +35,8 @@ def test_help_documents_every_flag():
     (["--temperature", "nan"], "--temperature must be positive"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--probe-tasks", "-1"], "--probe-tasks must be zero or positive"),
+    (["--eval-every", "-1"], "--eval-every must be zero"),
+    (["--eval-workers", "-2"], "--eval-workers must be zero"),
     (["--tasks-file", "/no/such/file.json"], "no such file"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
     (["--precision", "fp64"], "invalid choice"),
