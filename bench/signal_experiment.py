@@ -4,8 +4,8 @@ Embedded model, bash domain, 5 cycles x 8 tasks x 6 candidates (48 commands a ba
 chances per task to agree), 10 probe tasks, published settings otherwise; 3 seeds per arm:
 --signal inversion (published), execution, agreement; then the arm with the highest NL2Bash
 success on file systems 1 and 2 (the only items any choice looks at) again with --train-from
-base. Every run evaluates a fixed half of the NL2Bash items (150, evenly spread: 60 on file
-systems 1-2, 90 on 3-5) after its last cycle; the untrained model is evaluated once on the same
+base. Every run evaluates a fixed half of the NL2Bash items (150, every other one: 101 on file
+systems 1-2, 49 on 3-5) after its last cycle; the untrained model is evaluated once on the same
 items (greedy decoding: its commands are the same for every seed and signal). The figures to
 report are those of file systems 3 to 5. Beside them: a command that does nothing (`true`).
 
