@@ -1113,7 +1113,6 @@ def select_for_training(records: list[dict], mode: str, signal: str, rng: random
 # Execution in a sandbox: the domain's own file system (--signal execution, agreement)
 # ---------------------------------------------------------------------------------------------
 
-SIGNALS = ("inversion", "execution", "agreement", "inversion+execution")
 FILLER_WORDS = ("alpha", "beta", "gamma", "delta", "data", "entry", "status", "report", "item", "total",
                 "config", "error", "warning", "user", "path", "result", "test", "done", "north", "south")
 FILE_STEMS = ("notes", "report", "main", "data", "setup", "readme", "draft", "output")
