@@ -1275,6 +1275,11 @@ def execute_commands(sandbox, records: list[dict], copies: int) -> Stage:
     return Stage(executed, {"execute_s": round(seconds, 3), "executed": len(usable)})
 
 
+def sandbox_workers(cfg: Config) -> int:
+    """Commands run at once in sandboxes: --eval-workers, 0 meaning one per core."""
+    return cfg.eval_workers or os.cpu_count() or 1
+
+
 def open_sandbox(cfg: Config, domain: dict):
     """The sandbox with the domain's file system built, or None: for a domain without an
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
@@ -1289,7 +1294,7 @@ def open_sandbox(cfg: Config, domain: dict):
         return None
     import nl2bash_eval
     try:
-        return nl2bash_eval.Sandbox({"domain": (script, None)}, workers=cfg.eval_workers or os.cpu_count() or 1)
+        return nl2bash_eval.Sandbox({"domain": (script, None)}, workers=sandbox_workers(cfg))
     except nl2bash_eval.SandboxUnavailable as err:
         if needs:
             raise UsageError(f"--signal {cfg.signal}: {err}") from None
@@ -1494,7 +1499,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     start = time.perf_counter()
     try:
         # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
-        with nl2bash_eval.Evaluator(items, workers=cfg.eval_workers or os.cpu_count() or 1) as evaluator:
+        with nl2bash_eval.Evaluator(items, workers=sandbox_workers(cfg)) as evaluator:
             results = evaluator.score([r["command"] for r in written.records])
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"  eval    skipped: {err}", flush=True)
@@ -1829,11 +1834,11 @@ def figures_over(records: list[dict], groups: tuple[int, ...]) -> dict:
     return nl2bash_eval.aggregate(chosen) if chosen else {}
 
 
-def experiment_label(config: dict) -> str:
-    """The settings that tell apart the kinds of runs compare groups (older runs lack the newer ones)."""
-    return (f"signal={config.get('signal', 'inversion')} train-from={config.get('train_from', 'previous')} "
-            f"select={config.get('select')} data={config.get('data')} judge={config.get('judge')} "
-            f"scorer={config.get('scorer')}")
+def experiment_kind(config: dict) -> dict:
+    """The settings that tell apart the kinds of runs compare groups (older runs lack the newer
+    ones: they ran with what are now the defaults)."""
+    return {"signal": config.get("signal", "inversion"), "train-from": config.get("train_from", "previous"),
+            **{key: config.get(key) for key in ("select", "data", "judge", "scorer")}}
 
 
 def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None) -> str:
@@ -1874,7 +1879,8 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
             if all(finals[d] for d in done):
                 parts += [f"eval {name} {spread([finals[d][k] for d in done])}" for name, k in
                           (("success", "success_rate"), ("reward", "mean_reward"), ("NLC2CMD", "nlc2cmd"))]
-            lines.append(f"  {experiment_label(json.loads(key))} ({len(dirs)} seeds): " + ", ".join(parts))
+            kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
+            lines.append(f"  {kind} ({len(dirs)} seeds): " + ", ".join(parts))
 
     import matplotlib
     matplotlib.use("Agg")
@@ -1892,9 +1898,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), constrained_layout=True, squeeze=False)
     for ax, (title, series_of) in zip(axes[0], metrics):
         for key, dirs in groups_of_runs.items():
-            config = json.loads(key)
-            label = f"{config.get('signal', 'inversion')}/{config.get('train_from', 'previous')}/" \
-                    f"{config.get('select')}/{config.get('data')}/{config.get('judge')}/{config.get('scorer')}"
+            label = "/".join(map(str, experiment_kind(json.loads(key)).values()))
             series = [{x: y for x, y in series_of(d, runs[d]).items() if y is not None} for d in dirs]
             xs = sorted(set.intersection(*(set(s) for s in series)))
             if not xs:
