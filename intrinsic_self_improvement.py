@@ -32,6 +32,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -100,8 +101,8 @@ class UsageError(Exception):
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (no usage block), exit code 2."""
 
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+    def error(self, message):  # every process of a team meets the same bad flag; the main one says so
+        self.exit(2, f"error: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -606,6 +607,133 @@ def mix_score(original: str, reconstruction: str, rating: int | None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Processes: one run across several (torchrun, accelerate launch)
+# ---------------------------------------------------------------------------------------------
+
+class PeerFailed(Exception):
+    """Another process of the run stopped (it has said why): this one stops too."""
+
+
+@dataclass(frozen=True)
+class Team:
+    """The processes of one run, one device each; a plain `python` start is a team of one.
+    Work is dealt out item by item (process r takes items r, r + N, ...) and gathered back in
+    order, so every process holds every record and takes the same decisions; training splits
+    each global batch. Only the main process (rank 0) writes, prints and draws."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # its device on its machine
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        return items[self.rank::self.size]
+
+    def everyone(self, value) -> list:
+        """`value` from every process, by rank."""
+        if self.size == 1:
+            return [value]
+        import torch.distributed as dist
+        values = [None] * self.size
+        with peers_failing_as_one():
+            dist.all_gather_object(values, value)
+        return values
+
+    def spread(self, function, items: list) -> list:
+        """function(this process's share of items) on each process; its results, in item order,
+        on every process. With one process: function(items), exactly."""
+        if self.size == 1:
+            return function(items)
+        gathered = [None] * len(items)
+        for rank, results in enumerate(self.everyone(function(self.share(items)))):
+            gathered[rank::self.size] = results
+        return gathered
+
+    def sum(self, tensor) -> None:
+        """Sum a tensor over the processes, in place."""
+        if self.size > 1:
+            import torch.distributed as dist
+            with peers_failing_as_one():
+                dist.all_reduce(tensor)
+
+    def wait(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+            with peers_failing_as_one():
+                dist.barrier()
+
+    def together(self, step, failures=(UsageError,)):
+        """Run a step that may fail on some processes only (loading a model, opening a sandbox);
+        if it fails on any, every process raises the first failure, so all stop as one, and the
+        main process reports it. The step itself must not wait for the other processes."""
+        if self.size == 1:
+            return step()
+        try:
+            result, failure = step(), None
+        except failures as err:
+            result, failure = None, err
+        raised = [f for f in self.everyone(failure) if f is not None]
+        if raised:
+            raise raised[0]
+        return result
+
+
+@contextlib.contextmanager
+def peers_failing_as_one():
+    """A collective that breaks because a peer died raises PeerFailed, not the backend's error."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed's errors (DistError and its kind) are RuntimeErrors
+        raise PeerFailed(str(err)) from err
+
+
+def team_from_environment() -> Team:
+    """Who this process is, from the variables torchrun and accelerate launch set (none: alone)."""
+    env = os.environ
+    try:
+        return Team(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                    int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK must be numbers (they are set by torchrun or "
+                         "accelerate launch)") from None
+
+
+def leave_team(team: Team) -> None:
+    if team.size > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join_team(cfg: Config) -> Team:
+    """Start the process group (NCCL on GPUs, gloo on the CPU), one device per process; quiet
+    every process but the main one."""
+    team = team_from_environment()
+    if team.size == 1:
+        return team
+    import torch
+    import torch.distributed as dist
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(team.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if "OMP_NUM_THREADS" not in os.environ:  # the launchers set it; share the cores otherwise
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // team.local_size))
+
+    def stopped_by_launcher(signum, frame):  # the launcher ends the others when one process fails
+        raise PeerFailed("stopped by the launcher")
+    signal.signal(signal.SIGTERM, stopped_by_launcher)
+    if not team.main:
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+    return team
+
+
+# ---------------------------------------------------------------------------------------------
 # Model loading
 # ---------------------------------------------------------------------------------------------
 
@@ -725,9 +853,10 @@ class LanguageModel:
     newline_ids: frozenset  # token ids whose text contains a newline
     stop_ids: frozenset  # token ids that end a sequence
     fresh_adapter: dict  # the adapter's weights as initialised (--train-from base starts each cycle from them)
+    team: Team = Team()  # the processes sharing the run's work
 
 
-def load_language_model(cfg: Config) -> LanguageModel:
+def load_language_model(cfg: Config, team: Team = Team()) -> LanguageModel:
     import logging
     # bitsandbytes (imported by peft when installed) looks for optional CPU kernels on the model
     # hub when it is imported on CPUs with AVX512-BF16, and warns that it found none
@@ -740,6 +869,8 @@ def load_language_model(cfg: Config) -> LanguageModel:
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()  # one log line per stage instead
     device, dtype, four_bit = resolve_device(cfg)
+    if device == "cuda" and team.size > 1:
+        device = f"cuda:{team.local_rank}"
     source = embedded_model_dir() if cfg.model == EMBEDDED_MODEL else cfg.model
     kwargs = {"dtype": dtype}
     if four_bit:
@@ -748,7 +879,7 @@ def load_language_model(cfg: Config) -> LanguageModel:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+        kwargs["device_map"] = {"": team.local_rank if device.startswith("cuda") else "cpu"}
     with loading_errors_as_usage("--model", cfg.model):
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -773,7 +904,7 @@ def load_language_model(cfg: Config) -> LanguageModel:
     stop_ids = frozenset([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) - {None}
     compute = str(dtype).removeprefix("torch.")
     return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids,
-                         fresh_adapter)
+                         fresh_adapter, team)
 
 
 def parameter_count(parameters) -> int:
@@ -924,28 +1055,42 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
 def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, temperature: float, max_new_tokens: int,
              stop_at_line: bool, batch_size: int, seed: int, desc: str) -> Generated:
     """All requests of a stage, batched: prompts in the model's chat format, sorted by length,
-    about `batch_size` sequences per batch. temperature 0 means greedy."""
+    about `batch_size` sequences per batch (per process). temperature 0 means greedy. Several
+    processes each take their share of the requests, with a random stream of their own."""
     import torch
     from tqdm import tqdm
     start = time.perf_counter()
-    tok = lm.tokenizer
-    encoded = [prompt_ids(tok, r) for r in requests]
-    order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
-    per_batch = max(1, batch_size // copies)
+    tok, team = lm.tokenizer, lm.team
+    if team.size > 1:
+        seed = stage_seed(seed, "process", team.rank)
     generator = torch.Generator(device=lm.device).manual_seed(seed)
-    texts, total, prefilled = [""] * (len(requests) * copies), 0, 0
+    counts = {"tokens": 0, "prefilled": 0}
+
+    def continue_requests(share: list[str]) -> list[list[str]]:
+        """`copies` continuations of each request."""
+        encoded = [prompt_ids(tok, r) for r in share]
+        order = sorted(range(len(share)), key=lambda i: len(encoded[i]))
+        per_batch = max(1, batch_size // copies)
+        texts = [[""] * copies for _ in share]
+        with tqdm(total=len(share) * copies, desc=desc, unit="seq", leave=False, disable=None if team.main else True) as bar:
+            for first in range(0, len(order), per_batch):
+                chunk = order[first:first + per_batch]
+                new_tokens, generated, positions = decode_batch(lm, [encoded[i] for i in chunk], copies=copies,
+                                                                temperature=temperature, max_new_tokens=max_new_tokens,
+                                                                stop_at_line=stop_at_line, generator=generator)
+                counts["tokens"] += generated
+                counts["prefilled"] += positions
+                for k, tokens in enumerate(new_tokens):
+                    texts[chunk[k // copies]][k % copies] = tok.decode(tokens, skip_special_tokens=True)
+                bar.update(len(new_tokens))
+        return texts
+
     lm.model.eval()
-    with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="seq", leave=False, disable=None) as bar:
-        for first in range(0, len(order), per_batch):
-            chunk = order[first:first + per_batch]
-            new_tokens, generated, positions = decode_batch(lm, [encoded[i] for i in chunk], copies=copies,
-                                                            temperature=temperature, max_new_tokens=max_new_tokens,
-                                                            stop_at_line=stop_at_line, generator=generator)
-            total, prefilled = total + generated, prefilled + positions
-            for k, tokens in enumerate(new_tokens):
-                texts[chunk[k // copies] * copies + k % copies] = tok.decode(tokens, skip_special_tokens=True)
-            bar.update(len(new_tokens))
-    return Generated(texts, total, time.perf_counter() - start, prefilled)
+    with torch.inference_mode():
+        texts = team.spread(continue_requests, requests)
+    totals = [sum(c) for c in zip(*team.everyone((counts["tokens"], counts["prefilled"])))]
+    return Generated([text for copies_of_one in texts for text in copies_of_one], totals[0],
+                     time.perf_counter() - start, totals[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1012,7 +1157,8 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
         start = time.perf_counter()
         ratings, rating_tokens, rated_prefilled = [None] * len(records), 0, 0
         if cfg.scorer == "embed":
-            values = embedding_scores(embedder, originals, recons)
+            values = lm.team.spread(lambda pairs: embedding_scores(embedder, [o for o, _ in pairs], [r for _, r in pairs]),
+                                    list(zip(originals, recons)))
         elif cfg.scorer == "lexical":
             values = [lexical_score(o, r) for o, r in zip(originals, recons)]
         else:
@@ -1249,14 +1395,15 @@ def agreement_group(runs: list) -> list[int]:
 EXECUTION_OUTPUT_KEPT = 300  # characters of output kept per candidate in examples_cycle_N.jsonl
 
 
-def execute_commands(sandbox, records: list[dict], copies: int) -> Stage:
+def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Team()) -> Stage:
     """Every usable command runs in a fresh copy of the domain's file system (in parallel,
     sandbox.workers at a time); each record gets its verdict ("passed" or why not), a short
     record of the run, and whether it is in its task's agreement group (records come in runs of
-    `copies` per task)."""
+    `copies` per task). Several processes each run their share."""
     usable = [i for i, r in enumerate(records) if r["usable"]]
     start = time.perf_counter()
-    done = sandbox.run_all(["domain"] * len(usable), [records[i]["command"] for i in usable])
+    done = team.spread(lambda commands: sandbox.run_all(["domain"] * len(commands), commands),
+                       [records[i]["command"] for i in usable])
     seconds = time.perf_counter() - start
     runs = [None] * len(records)
     for i, run in zip(usable, done):
@@ -1275,12 +1422,13 @@ def execute_commands(sandbox, records: list[dict], copies: int) -> Stage:
     return Stage(executed, {"execute_s": round(seconds, 3), "executed": len(usable)})
 
 
-def sandbox_workers(cfg: Config) -> int:
-    """Commands run at once in sandboxes: --eval-workers, 0 meaning one per core."""
-    return cfg.eval_workers or os.cpu_count() or 1
+def sandbox_workers(cfg: Config, team: Team = Team()) -> int:
+    """Commands run at once in sandboxes (by each process): --eval-workers, 0 meaning one per core
+    (the cores shared among the processes on a machine)."""
+    return cfg.eval_workers or max(1, (os.cpu_count() or 1) // team.local_size)
 
 
-def open_sandbox(cfg: Config, domain: dict):
+def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
     """The sandbox with the domain's file system built, or None: for a domain without an
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
     results are left out, said in one line)."""
@@ -1294,7 +1442,7 @@ def open_sandbox(cfg: Config, domain: dict):
         return None
     import nl2bash_eval
     try:
-        return nl2bash_eval.Sandbox({"domain": (script, None)}, workers=sandbox_workers(cfg))
+        return nl2bash_eval.Sandbox({"domain": (script, None)}, workers=sandbox_workers(cfg, team))
     except nl2bash_eval.SandboxUnavailable as err:
         if needs:
             raise UsageError(f"--signal {cfg.signal}: {err}") from None
@@ -1385,6 +1533,12 @@ def collate(examples: list[dict], pad_id: int) -> dict:
             "attention_mask": torch.tensor(attention)}
 
 
+def labelled_tokens(example: dict) -> int:
+    """Tokens an example's loss is taken over: its labelled positions after the first (each
+    position predicts the next)."""
+    return sum(label != -100 for label in example["labels"][1:])
+
+
 def completion_loss(model, batch: dict):
     """Mean cross-entropy over labelled (command) tokens. Logits are computed only at those
     positions: the vocabulary projection is a large share of a small model's cost. (Running the
@@ -1399,6 +1553,18 @@ def completion_loss(model, batch: dict):
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
 
 
+def sum_gradients(team: Team, params: list) -> None:
+    """Gradients summed over the processes (one all-reduce of them all, flattened); a process
+    with no example in a batch adds zeros."""
+    if team.size == 1:
+        return
+    import torch
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    team.sum(flat)
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = part.view_as(p).clone()
+
+
 def restart_adapter(lm: LanguageModel) -> None:
     """The adapter back to its initial weights (--train-from base)."""
     from peft.utils import set_peft_model_state_dict
@@ -1407,12 +1573,17 @@ def restart_adapter(lm: LanguageModel) -> None:
 
 def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]], seed: int) -> dict:
     """One epoch of LoRA training on (task, command) pairs, formatted exactly as the generation
-    prompt followed by the command and EOS. A fresh AdamW each cycle; the adapter carries over."""
+    prompt followed by the command and EOS. A fresh AdamW each cycle; the adapter carries over.
+
+    Several processes split each batch of --batch-size examples (the global batch): each takes
+    the loss of its examples' tokens weighted by their share of the batch's tokens, and the
+    gradients are summed over the processes before the one optimizer step, so the step is the
+    one-process step on the whole batch (up to rounding)."""
     import torch
     from tqdm import tqdm
     if not pairs:
         return {"pairs": 0, "steps": 0, "skipped": True}
-    tok, model = lm.tokenizer, lm.model
+    tok, model, team = lm.tokenizer, lm.model, lm.team
     rng = random.Random(seed)
     torch.manual_seed(seed)
     examples = [command_example(tok, task, command) for task, command in pairs]
@@ -1428,19 +1599,29 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     model.train()
     losses, tokens, positions, start = [], 0, 0, time.perf_counter()
     try:
-        for batch in tqdm(batches, desc="train", unit="step", leave=False, disable=None):
-            batch = {k: v.to(lm.device) for k, v in collate(batch, tok.pad_token_id).items()}
-            loss, n = completion_loss(model, batch)
-            loss.backward()
+        for batch in tqdm(batches, desc="train", unit="step", leave=False, disable=None if team.main else True):
+            mine = team.share(batch)
+            loss = torch.zeros((), device=lm.device)
+            if mine:
+                mine = {k: v.to(lm.device) for k, v in collate(mine, tok.pad_token_id).items()}
+                mean, n = completion_loss(model, mine)
+                loss = mean * (n / sum(map(labelled_tokens, batch)))  # exactly the mean with one process
+                loss.backward()
+                tokens, positions = tokens + n, positions + mine["input_ids"].numel()
+            sum_gradients(team, params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            tokens, positions = tokens + n, positions + batch["input_ids"].numel()
     finally:
         model.eval()
         base.set_attn_implementation(attention)
+    if team.size > 1:
+        totals = torch.tensor(losses + [tokens, positions], dtype=torch.float64, device=lm.device)
+        team.sum(totals)
+        *losses, tokens, positions = totals.tolist()
+        tokens, positions = int(tokens), int(positions)
     seconds = time.perf_counter() - start
     return {"pairs": len(pairs), "steps": len(batches), "skipped": False, "command_tokens": tokens, "positions": positions,
             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
@@ -1497,10 +1678,15 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     written = write_commands(lm, cfg, [Task(item["query"]) for item in items], copies=1, greedy=True,
                              seed=seed, label="eval")
     start = time.perf_counter()
-    try:
+
+    def execute(pairs: list[tuple[dict, str]]) -> list[dict]:
         # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
-        with nl2bash_eval.Evaluator(items, workers=sandbox_workers(cfg)) as evaluator:
-            results = evaluator.score([r["command"] for r in written.records])
+        with nl2bash_eval.Evaluator([item for item, _ in pairs], workers=sandbox_workers(cfg, lm.team)) as evaluator:
+            return evaluator.score([command for _, command in pairs])
+
+    try:
+        results = lm.team.spread(lambda pairs: lm.team.together(lambda: execute(pairs), nl2bash_eval.SandboxUnavailable),
+                                 list(zip(items, (r["command"] for r in written.records))))
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"  eval    skipped: {err}", flush=True)
         return None, []
@@ -1968,28 +2154,32 @@ def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
     return results
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, team: Team = Team()) -> dict:
     run_dir = run_directory(cfg)
     saved = check_run_directory(cfg, run_dir)
     domain = load_domain(cfg)
+    team.wait()  # every process has read the run directory before the main process tidies it
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
               f"(raise --cycles to continue)")
-        if not (run_dir / "self_improvement_results.json").exists():  # stopped while writing it
+        if team.main and not (run_dir / "self_improvement_results.json").exists():  # stopped while writing it
             prepare_run_directory(run_dir, saved["last_completed_cycle"])
             write_results(run_dir, saved["history"], wall_s=None)
         return saved
-    sandbox = open_sandbox(cfg, domain)
+    sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
     with sandbox if sandbox is not None else contextlib.nullcontext():
-        return run_cycles(cfg, run_dir, saved, domain, sandbox)
+        return run_cycles(cfg, run_dir, saved, domain, sandbox, team)
 
 
-def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox) -> dict:
+def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox, team: Team) -> dict:
     """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
-    commands in the domain's file system (None: not run)."""
+    commands in the domain's file system (None: not run). Every process of the team runs it;
+    only the main one writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")), distinct=True)
     probe_texts = frozenset(t.text for t in probe_tasks)
-    prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
+    # the other processes learn whether the main one could write the run directory
+    team.together(lambda: prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
+                  if team.main else None)
     eval_items = evaluation_items(cfg)
 
     if cfg.model == EMBEDDED_MODEL:
@@ -1998,9 +2188,10 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     torch.manual_seed(cfg.seed)
     print("config " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     started = time.perf_counter()
-    lm = load_language_model(cfg)
-    embedder = load_embedder(cfg, lm.device) if cfg.scorer == "embed" else None
-    print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s", flush=True)
+    lm = team.together(lambda: load_language_model(cfg, team))
+    embedder = team.together(lambda: load_embedder(cfg, lm.device)) if cfg.scorer == "embed" else None
+    print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s"
+          + (f"; {team.size} processes" if team.size > 1 else ""), flush=True)
     print(f"run directory {run_dir}", flush=True)
 
     def new_batch(index: int) -> Stage:
@@ -2012,7 +2203,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
             tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
         stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
                           label=f"batch {index}")
-        executed = execute_commands(sandbox, stage.records, cfg.candidates) if sandbox else Stage(stage.records, {})
+        executed = execute_commands(sandbox, stage.records, cfg.candidates, team) if sandbox else Stage(stage.records, {})
         return Stage(executed.records, stage.timing | executed.timing | task_info)
 
     def probe(cycle: int) -> tuple[dict, list[dict]]:
@@ -2023,7 +2214,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         written = write_commands(lm, cfg, probe_tasks, copies=1, greedy=True, seed=seed, label="probe")
         judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen", greedy=True,
                                 seed=seed, label="probe")
-        executed = execute_commands(sandbox, judged.records, 1) if sandbox else Stage(judged.records, {})
+        executed = execute_commands(sandbox, judged.records, 1, team) if sandbox else Stage(judged.records, {})
         # before any training the adapter adds exactly zero: the frozen judge is the run's judge
         frozen = judged if cfg.judge == "frozen" or cycle == 0 else judge_commands(
             lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed, label="probe, frozen judge")
@@ -2041,24 +2232,32 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
               f"{summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
         return summary, records
 
+    compute = {"device": lm.device.split(":")[0], "dtype": lm.dtype, "weights": lm.weights}
     if saved is None:
+        # processes[c]: how many processes ran cycle c (0: the untrained model's probe and evaluation)
         history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
-                   "compute": {"device": lm.device, "dtype": lm.dtype, "weights": lm.weights}}
+                   "compute": compute | {"processes": [team.size]}}
         print("cycle 0 (before any training)", flush=True)
         history["probe_initial"], records = probe(0)
-        write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
+        if team.main:
+            write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
         if eval_items and cfg.eval_every:
             history["eval_initial"], records = external_evaluation(lm, embedder, cfg, eval_items, 0)
-            write_jsonl(run_dir / "eval_cycle_0.jsonl", records)
+            if team.main:
+                write_jsonl(run_dir / "eval_cycle_0.jsonl", records)
         pending, pool, first_cycle = new_batch(1), [], 1
     else:
         history = saved["history"]
-        before = history.get("compute", {})
-        now = {"device": lm.device, "dtype": lm.dtype, "weights": lm.weights}
-        if any(before.get(key, now[key]) != now[key] for key in now):
+        before = history.setdefault("compute", {})
+        if any(before.get(key, compute[key]) != compute[key] for key in compute):
             print(f"note: cycles so far ran on {before['device']} in {before['dtype']} (weights "
-                  f"{before.get('weights', before['dtype'])}); these run on {lm.device} in {lm.dtype} (weights "
-                  f"{lm.weights})", flush=True)
+                  f"{before.get('weights', before['dtype'])}); these run on {compute['device']} in {lm.dtype} "
+                  f"(weights {lm.weights})", flush=True)
+        # runs made before processes were counted ran in one
+        processes = before.setdefault("processes", [1] * (saved["last_completed_cycle"] + 1))
+        if processes[-1] != team.size:
+            print(f"note: cycles so far ran in {processes[-1]} process(es), these in {team.size}: the sampled "
+                  f"figures depend on the number of processes", flush=True)
         first_cycle = saved["last_completed_cycle"] + 1
         pending, pool = load_checkpoint(lm, run_dir, first_cycle - 1)
         print(f"resuming {run_dir} after cycle {first_cycle - 1}", flush=True)
@@ -2093,14 +2292,16 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         evaluation = None
         if eval_items and ((cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles):
             evaluation, records = external_evaluation(lm, embedder, cfg, eval_items, cycle)
-            write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
+            if team.main:
+                write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
 
         chosen_set = set(chosen)
-        write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl",
-                    [r | {"stage": "before", "selected": i in chosen_set} for i, r in enumerate(before_stage.records)]
-                    + [r | {"stage": "after"} for r in after_stage.records]
-                    + [r | {"stage": "probe"} for r in probe_records])
-        save_checkpoint(lm, run_dir, cycle, after_stage, pool)
+        if team.main:
+            write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl",
+                        [r | {"stage": "before", "selected": i in chosen_set} for i, r in enumerate(before_stage.records)]
+                        + [r | {"stage": "after"} for r in after_stage.records]
+                        + [r | {"stage": "probe"} for r in probe_records])
+            save_checkpoint(lm, run_dir, cycle, after_stage, pool)
 
         history["cycles"].append({
             "cycle": cycle, "before": before, "after": after,
@@ -2111,15 +2312,19 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         })
         history["total_generated"] += before["total_generated"]
         history["total_accepted"] += before["accepted"]
+        history["compute"]["processes"].append(team.size)
         progress = {"last_completed_cycle": cycle, "timestamp": datetime.now(timezone.utc).isoformat(),
                     "history": history}
-        plot_progress(history, run_dir / "progress.png")
-        write_json(run_dir / "progress.json", progress)  # last: marks the cycle as done
+        if team.main:
+            plot_progress(history, run_dir / "progress.png")
+            write_json(run_dir / "progress.json", progress)  # last: marks the cycle as done
         pending = after_stage
         cycle_s, left = time.perf_counter() - cycle_start, cfg.cycles - cycle
         print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so far"
               + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""), flush=True)
 
+    if not team.main:
+        return progress
     results = write_results(run_dir, history, wall_s=time.perf_counter() - started)
     print(f"done: probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
           f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), batch score "
@@ -2144,8 +2349,9 @@ def where_it_stopped(cfg: Config, argv: list[str], action: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = None
+    cfg, team = None, Team()
     try:
+        team = team_from_environment()
         if argv[:1] == ["compare"]:
             parser = OneLineParser(prog="intrinsic_self_improvement.py compare",
                                              description="Compare runs side by side: a table and one plot.")
@@ -2157,13 +2363,21 @@ def main(argv: list[str] | None = None) -> int:
             print(compare_runs(args.run_dirs, Path(args.plot), groups))
         else:
             cfg = parse_config(argv)
-            run(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+            team = join_team(cfg)
+            run(cfg, team)
+    except UsageError as err:  # the same on every process of a team (see Team.together): said once
+        if team.main:
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    except PeerFailed:
+        if team.main:
+            print(f"error: another process of this run failed (its message is above); stopped "
+                  f"{where_it_stopped(cfg, argv, '')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"stopped by Ctrl-C {where_it_stopped(cfg, argv, '') if cfg else 'before the run began'}",
-              file=sys.stderr)
+        if team.main:
+            print(f"stopped by Ctrl-C {where_it_stopped(cfg, argv, '') if cfg else 'before the run began'}",
+                  file=sys.stderr)
         return 130
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT) or cfg is None:
@@ -2172,6 +2386,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no space left on the device{writing}; stopped {where_it_stopped(cfg, argv, 'free some, then ')}",
               file=sys.stderr)
         return 2
+    finally:
+        leave_team(team)
     return 0
 
 
