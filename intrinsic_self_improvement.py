@@ -1553,6 +1553,18 @@ def completion_loss(model, batch: dict):
     return F.cross_entropy(logits, targets[keep]), int(keep.sum())
 
 
+def share_loss(model, batch: list[dict], share: list[dict], pad_id: int, device: str):
+    """The loss of a process's share of a batch, weighted by the share's part of the batch's
+    labelled tokens: the shares' losses, and so their gradients, sum to the batch's mean loss; the
+    whole batch gives exactly its mean (weight 1). Returns (loss, labelled tokens, positions run),
+    loss None for an empty share."""
+    if not share:
+        return None, 0, 0
+    collated = {k: v.to(device) for k, v in collate(share, pad_id).items()}
+    mean, n = completion_loss(model, collated)
+    return mean * (n / sum(map(labelled_tokens, batch))), n, collated["input_ids"].numel()
+
+
 def sum_gradients(team: Team, params: list) -> None:
     """Gradients summed over the processes (one all-reduce of them all, flattened); a process
     with no example in a batch adds zeros."""
@@ -1600,20 +1612,16 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     losses, tokens, positions, start = [], 0, 0, time.perf_counter()
     try:
         for batch in tqdm(batches, desc="train", unit="step", leave=False, disable=None if team.main else True):
-            mine = team.share(batch)
-            loss = torch.zeros((), device=lm.device)
-            if mine:
-                mine = {k: v.to(lm.device) for k, v in collate(mine, tok.pad_token_id).items()}
-                mean, n = completion_loss(model, mine)
-                loss = mean * (n / sum(map(labelled_tokens, batch)))  # exactly the mean with one process
+            loss, n, width = share_loss(model, batch, team.share(batch), tok.pad_token_id, lm.device)
+            if loss is not None:
                 loss.backward()
-                tokens, positions = tokens + n, positions + mine["input_ids"].numel()
+            tokens, positions = tokens + n, positions + width
             sum_gradients(team, params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(0.0 if loss is None else loss.item())
     finally:
         model.eval()
         base.set_attn_implementation(attention)
