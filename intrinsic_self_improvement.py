@@ -15,6 +15,9 @@ A fixed probe set, scored with greedy decoding after every cycle, gives a like-f
     # continue a run from its last checkpoint, up to 20 cycles
     python intrinsic_self_improvement.py --resume --cycles 20
 
+    # one run across 4 GPUs (or: accelerate launch --multi_gpu --num_processes 4 intrinsic_...)
+    torchrun --nproc_per_node 4 -- intrinsic_self_improvement.py --model mistralai/Mistral-7B-Instruct-v0.2
+
 The intrinsic score measures agreement of the model with itself; it is not a measure of
 correctness. See README.md for what it does and does not show.
 """

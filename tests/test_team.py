@@ -26,7 +26,8 @@ def free_port() -> int:
 def launch(launcher: str, args: list[str], log: Path, **env) -> subprocess.CompletedProcess:
     """The CLI in two processes (tests/team_runner.py logs the files each commits to log.<rank>)."""
     command = {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+        # "--" as README.md writes it: torchrun would take --signal for its --signals-to-handle
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--"],
         "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                        "--main_process_port", str(free_port())],
@@ -51,8 +52,8 @@ def records(run_dir: Path) -> dict:
 
 
 def run_args(model_dir, output, cycles: int, *extra) -> list[str]:
-    return tiny_args(model_dir, output, "--domain", "bash", "--eval", "nl2bash", "--eval-limit", "4",
-                     "--name", "team", "--cycles", str(cycles), *extra)
+    return tiny_args(model_dir, output, "--domain", "bash", "--signal", "inversion", "--eval", "nl2bash",
+                     "--eval-limit", "4", "--name", "team", "--cycles", str(cycles), *extra)
 
 
 @pytest.fixture(scope="module")
