@@ -85,6 +85,7 @@ def test_bench_cycle_cpu_path_on_a_tiny_config(tmp_path):
     assert project["generate_prefilled"] > 0 and project["invert_prefilled"] > 0 and project["train_positions"] > 0
     assert set(figures["machine_gflops"]) >= {"rows_4", "rows_8", "rows_1"}
     assert all(rate > 0 for rate in figures["machine_gflops"].values())
+    assert all(0 < figures["machine_gflops_median"][k] <= best for k, best in figures["machine_gflops"].items())
     for stage in ("generate", "invert", "score", "train"):
         assert figures["arithmetic"][stage]["gflop"] >= 0 and figures["arithmetic"][stage]["gflops"] >= 0
     shape = {"layer_params": 10, "head_params": 100, "hidden": 1, "intermediate": 1}
