@@ -1695,7 +1695,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
         with nl2bash_eval.Evaluator([item for item, _ in pairs], workers=sandbox_workers(cfg, lm.team)) as evaluator:
             return evaluator.score([command for _, command in pairs])
 
-    try:
+    try:  # each process scores its share of the items; a sandbox missing on one process stops all
         results = lm.team.spread(lambda pairs: lm.team.together(lambda: execute(pairs), nl2bash_eval.SandboxUnavailable),
                                  list(zip(items, (r["command"] for r in written.records))))
     except nl2bash_eval.SandboxUnavailable as err:
