@@ -645,13 +645,14 @@ class Team:
             dist.all_gather_object(values, value)
         return values
 
-    def spread(self, function, items: list) -> list:
-        """function(this process's share of items) on each process; its results, in item order,
-        on every process. With one process: function(items), exactly."""
+    def spread(self, function, *columns: list) -> list:
+        """function(this process's share of each column) on each process (columns of one length,
+        one result per item); the results, in item order, on every process. With one process:
+        function(*columns), exactly."""
         if self.size == 1:
-            return function(items)
-        gathered = [None] * len(items)
-        for rank, results in enumerate(self.everyone(function(self.share(items)))):
+            return function(*columns)
+        gathered = [None] * len(columns[0])
+        for rank, results in enumerate(self.everyone(function(*map(self.share, columns)))):
             gathered[rank::self.size] = results
         return gathered
 
@@ -1160,8 +1161,7 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
         start = time.perf_counter()
         ratings, rating_tokens, rated_prefilled = [None] * len(records), 0, 0
         if cfg.scorer == "embed":
-            values = lm.team.spread(lambda pairs: embedding_scores(embedder, [o for o, _ in pairs], [r for _, r in pairs]),
-                                    list(zip(originals, recons)))
+            values = lm.team.spread(lambda o, r: embedding_scores(embedder, o, r), originals, recons)
         elif cfg.scorer == "lexical":
             values = [lexical_score(o, r) for o, r in zip(originals, recons)]
         else:
@@ -1690,14 +1690,15 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
                              seed=seed, label="eval")
     start = time.perf_counter()
 
-    def execute(pairs: list[tuple[dict, str]]) -> list[dict]:
+    def execute(share: list[dict], commands: list[str]) -> list[dict]:
         # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
-        with nl2bash_eval.Evaluator([item for item, _ in pairs], workers=sandbox_workers(cfg, lm.team)) as evaluator:
-            return evaluator.score([command for _, command in pairs])
+        with nl2bash_eval.Evaluator(share, workers=sandbox_workers(cfg, lm.team)) as evaluator:
+            return evaluator.score(commands)
 
     try:  # each process scores its share of the items; a sandbox missing on one process stops all
-        results = lm.team.spread(lambda pairs: lm.team.together(lambda: execute(pairs), nl2bash_eval.SandboxUnavailable),
-                                 list(zip(items, (r["command"] for r in written.records))))
+        results = lm.team.spread(lambda share, commands: lm.team.together(
+            lambda: execute(share, commands), nl2bash_eval.SandboxUnavailable),
+            items, [r["command"] for r in written.records])
     except nl2bash_eval.SandboxUnavailable as err:
         print(f"  eval    skipped: {err}", flush=True)
         return None, []
