@@ -31,6 +31,7 @@ import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
 import re
 import shlex
@@ -92,9 +93,10 @@ class Config:
     max_command_tokens: int = field(default=48, metadata={"help": "cap on new tokens for a command (generation also stops at its first line)"})
     max_inversion_tokens: int = field(default=40, metadata={"help": "cap on new tokens for a reconstructed task"})
     gen_batch_size: int = field(default=160, metadata={"help": "sequences per batch in generation (a prompt's candidates share one prefill)"})
+    cpu_matmul: str = field(default="auto", metadata={"help": "the CPU's matrix products in generation: packed: the frozen weights reordered once for oneDNN; plain: PyTorch's default; auto: the faster of the two on this machine, measured once and kept in the cache folder", "choices": ["auto", "packed", "plain"]})
 
 
-RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers"}  # may differ between a run and its resume
+RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul"}  # may differ between a run and its resume
 
 
 class UsageError(Exception):
@@ -858,6 +860,7 @@ class LanguageModel:
     stop_ids: frozenset  # token ids that end a sequence
     fresh_adapter: dict  # the adapter's weights as initialised (--train-from base starts each cycle from them)
     team: Team = Team()  # the processes sharing the run's work
+    matmul: str = "plain"  # the frozen weights' products without gradients: "packed" (oneDNN) or "plain"
 
 
 def load_language_model(cfg: Config, team: Team = Team()) -> LanguageModel:
@@ -921,8 +924,126 @@ def describe_model(lm: LanguageModel, cfg: Config) -> str:
     trainable = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
     total = parameter_count(lm.model.parameters())
     weights = "4-bit NF4 (double quantisation)" if lm.weights == "nf4" else lm.weights
-    return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}, {total / 1e6:.1f}M parameters, "
-            f"LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")
+    packed = ", generation's matrix products packed for oneDNN" if lm.matmul == "packed" else ""
+    return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}{packed}, {total / 1e6:.1f}M "
+            f"parameters, LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU's matrix products: frozen weights packed once for oneDNN
+# ---------------------------------------------------------------------------------------------
+
+def frozen_linears(model) -> list:
+    """The base model's plain linear layers, vocabulary head included: frozen for the whole run
+    (LoRA's own layers train; 4-bit layers are bitsandbytes', not plain)."""
+    import torch
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+
+
+def can_pack(lm: LanguageModel) -> bool:
+    import torch
+    return (lm.device == "cpu" and lm.weights in ("float32", "bfloat16") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def packed_linear_forward(module, packed):
+    """`module`'s forward, through its weight reordered once into oneDNN's layout when no gradient
+    is taken (generation); torch's own product when one is (training). torch's CPU product
+    reorders the weight at every call: in a decode step, over 8 to 150 rows, that is a large part
+    of the work. The packed product's rows do not depend on how many rows a call has."""
+    import torch
+    plain = module.forward
+
+    def forward(x):
+        if torch.is_grad_enabled():
+            return plain(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    return forward
+
+
+def set_packed_products(model, on: bool) -> None:
+    """Install (or remove) packed products on every frozen linear layer. The packed weights are
+    a second copy of the base model's weights in memory."""
+    import torch
+    for module in frozen_linears(model):
+        module.__dict__.pop("forward", None)  # back to the class's own forward
+        if on:
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 150)
+            module.forward = packed_linear_forward(module, packed)
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and the instruction sets that decide its matrix-product kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    kernels = sorted(set(flags.group(1).split() if flags else ()) & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+    return " ".join([name.group(1).strip() if name else platform.machine(), *kernels])
+
+
+def time_products(dtype, k: int, n: int) -> dict:
+    """Seconds for 10 products [m x k] x [k x n] at m = 8 and 150 rows (the ends of a decode
+    batch), torch's own and packed, best of 5 interleaved windows."""
+    import torch
+    torch.manual_seed(0)
+    weight, xs = torch.randn(n, k, dtype=dtype), [torch.randn(m, k, dtype=dtype) for m in (8, 150)]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 150)
+    products = {"plain": lambda x: torch.nn.functional.linear(x, weight),
+                "packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    best = dict.fromkeys(products, math.inf)
+    with torch.inference_mode():
+        for _ in range(5):
+            for name, product in products.items():
+                start = time.perf_counter()
+                for x in xs:
+                    for _ in range(10):
+                        product(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
+    """--cpu-matmul, auto resolved on this machine: packed where it is at least 5% faster than
+    torch's own product at the model's largest frozen shape. Measured once per CPU, torch
+    version, dtype and shape, and kept in the cache folder, so every run on a machine makes the
+    same choice (the two differ in rounding)."""
+    if cfg.cpu_matmul == "plain" or not can_pack(lm):
+        if cfg.cpu_matmul == "packed" and lm.device == "cpu":
+            raise UsageError("--cpu-matmul packed: needs plain fp32 or bf16 weights and PyTorch's oneDNN "
+                             "(torch.backends.mkldnn); use --cpu-matmul plain")
+        return "plain"
+    if cfg.cpu_matmul == "packed":
+        return "packed"
+    import torch
+    head = lm.model.get_base_model().get_output_embeddings()
+    largest = max((m for m in frozen_linears(lm.model) if m is not head), key=lambda m: m.weight.numel())
+    n, k = largest.weight.shape
+    key = f"{cpu_identity()} | torch {torch.__version__} | {lm.dtype} | {k}x{n}"
+    path = cache_root() / "cpu_matmul.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        seconds = time_products(largest.weight.dtype, k, n)
+        known[key] = {"choice": "packed" if seconds["packed"] <= 0.95 * seconds["plain"] else "plain",
+                      "seconds": {name: round(s, 5) for name, s in seconds.items()}}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, known)
+        except OSError:
+            pass  # an unwritable cache: measured again next time
+    return known[key]["choice"]
+
+
+def use_cpu_matmul(lm: LanguageModel, cfg: Config, team: Team = Team()) -> None:
+    """Decide --cpu-matmul (every process takes the main one's choice) and install it."""
+    choice = team.everyone(team.together(lambda: choose_cpu_matmul(lm, cfg)))[0]
+    set_packed_products(lm.model, choice == "packed")
+    lm.matmul = choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2201,6 +2322,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     print("config " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     started = time.perf_counter()
     lm = team.together(lambda: load_language_model(cfg, team))
+    use_cpu_matmul(lm, cfg, team)
     embedder = team.together(lambda: load_embedder(cfg, lm.device)) if cfg.scorer == "embed" else None
     print(describe_model(lm, cfg) + f"; loaded in {time.perf_counter() - started:.1f}s"
           + (f"; {team.size} processes" if team.size > 1 else ""), flush=True)
@@ -2244,7 +2366,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
               f"{summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
         return summary, records
 
-    compute = {"device": lm.device.split(":")[0], "dtype": lm.dtype, "weights": lm.weights}
+    compute = {"device": lm.device.split(":")[0], "dtype": lm.dtype, "weights": lm.weights, "matmul": lm.matmul}
     if saved is None:
         # processes[c]: how many processes ran cycle c (0: the untrained model's probe and evaluation)
         history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
@@ -2263,8 +2385,8 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         before = history.setdefault("compute", {})
         if any(before.get(key, compute[key]) != compute[key] for key in compute):
             print(f"note: cycles so far ran on {before['device']} in {before['dtype']} (weights "
-                  f"{before.get('weights', before['dtype'])}); these run on {compute['device']} in {lm.dtype} "
-                  f"(weights {lm.weights})", flush=True)
+                  f"{before.get('weights', before['dtype'])}, products {before.get('matmul', 'plain')}); these run "
+                  f"on {compute['device']} in {lm.dtype} (weights {lm.weights}, products {lm.matmul})", flush=True)
         # runs made before processes were counted ran in one
         processes = before.setdefault("processes", [1] * (saved["last_completed_cycle"] + 1))
         if processes[-1] != team.size:

@@ -246,22 +246,32 @@ def model_shape(lm) -> dict:
             "intermediate": base.config.intermediate_size}
 
 
-def matmul_rate_gflops(device: str, dtype: str, rows: int, shape: dict, windows: int = 8) -> tuple[float, float]:
+def matmul_rate_gflops(device: str, dtype: str, rows: int, shape: dict, packed: bool = False,
+                       windows: int = 8) -> tuple[float, float]:
     """torch.nn.functional.linear [rows x hidden] x [hidden x intermediate], the model's largest
-    product, in its dtype: the rate this machine reaches at that shape (GFLOP/s), the best and
-    the median of `windows` windows of 0.2 s. (One 0.5 s window varied from 102 to 169 GFLOP/s at
-    150 rows between calls on a 2-core AMD EPYC; the best of eight, 168-180.)"""
+    product, in its dtype (or, `packed`, the same product with the weight packed once for oneDNN,
+    as the main script's --cpu-matmul packed): the rate this machine reaches at that shape
+    (GFLOP/s), the best and the median of `windows` windows of 0.2 s. (One 0.5 s window varied
+    from 102 to 169 GFLOP/s at 150 rows between calls on a 2-core AMD EPYC; the best of eight,
+    168-180.)"""
     import torch
     kind = getattr(torch, dtype)
     x = torch.randn(rows, shape["hidden"], device=device, dtype=kind)
     w = torch.randn(shape["intermediate"], shape["hidden"], device=device, dtype=kind)
+    if packed:
+        w = torch.ops.mkldnn._reorder_linear_weight(w, 150)
+
+    def product():
+        if packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return torch.nn.functional.linear(x, w)
     for _ in range(3):
-        torch.nn.functional.linear(x, w)
+        product()
     rates = []
     for _ in range(windows):
         reps, seconds = 0, 0.0
         while seconds < 0.2:
-            _, elapsed = timed(device, lambda: torch.nn.functional.linear(x, w))
+            _, elapsed = timed(device, product)
             reps, seconds = reps + 1, seconds + elapsed
         rates.append(2 * rows * shape["hidden"] * shape["intermediate"] * reps / seconds / 1e9)
     return round(max(rates), 1), round(statistics.median(rates), 1)
@@ -305,6 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-command-tokens", type=int, default=48, help="as in the main script")
     parser.add_argument("--max-inversion-tokens", type=int, default=40, help="as in the main script")
     parser.add_argument("--gen-batch-size", type=int, default=160, help="as in the main script")
+    parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "packed", "plain"], help="as in the main script (the project's path)")
     parser.add_argument("--out", default="output/bench_cycle.json", help="where to write the JSON figures")
     args = parser.parse_args(argv)
 
@@ -316,9 +327,11 @@ def main(argv=None) -> int:
     cfg = isi.validate(isi.Config(model=model, device=args.device, quantize=args.quantize, precision=args.precision,
                                   tasks=args.tasks, candidates=args.candidates, seed=args.seed, scorer="mix",
                                   threshold=args.threshold, max_command_tokens=args.max_command_tokens,
-                                  max_inversion_tokens=args.max_inversion_tokens, gen_batch_size=args.gen_batch_size))
+                                  max_inversion_tokens=args.max_inversion_tokens, gen_batch_size=args.gen_batch_size,
+                                  cpu_matmul=args.cpu_matmul))
     started = time.perf_counter()
     lm = isi.load_language_model(cfg)
+    matmul = isi.choose_cpu_matmul(lm, cfg)
     load = {"load_s": round(time.perf_counter() - started, 1), "peak_memory_gib": peak_memory_gib(lm.device),
             "model_tensors_gib": model_memory_gib(lm.model), "anonymous_memory_gib": anonymous_memory_gib()}
     print(isi.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s; memory: " + ", ".join(
@@ -329,7 +342,7 @@ def main(argv=None) -> int:
     isi.generate(lm, ["warm-up"], temperature=0, max_new_tokens=2, stop_at_line=False, batch_size=1, seed=0, desc="warm-up")
 
     results = {"device": lm.device, "device_name": device_name(lm.device), "model": args.random_config or args.model,
-               "quantize": cfg.quantize, "dtype": lm.dtype, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
+               "quantize": cfg.quantize, "dtype": lm.dtype, "matmul": matmul, "tasks": cfg.tasks, "candidates": cfg.candidates, "seed": args.seed,
                "versions": versions(), "published_caps": PUBLISHED_TOKENS, "load": load,
                "caps": {"command": cfg.max_command_tokens, "inversion": cfg.max_inversion_tokens,
                         "gen_batch_size": cfg.gen_batch_size}}
@@ -344,6 +357,7 @@ def main(argv=None) -> int:
         paths.append(("published", lambda: published_cycle(lm, cfg, tasks, shared["pairs"], args.seed)))
     for name, run_path in paths:
         lm.model.load_state_dict(initial, strict=False)  # both paths start from the same adapter
+        isi.set_packed_products(lm.model, name == "project" and matmul == "packed")  # the published one: torch's own
         reset_peak(lm.device)
         figures = with_rates(run_path())
         figures["peak_memory_gib"] = peak_memory_gib(lm.device)
@@ -352,9 +366,14 @@ def main(argv=None) -> int:
         print(f"{name:>9}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
     shape, rows = model_shape(lm), min(cfg.gen_batch_size, cfg.tasks * cfg.candidates)
     train_rows = max(1, results["project"]["train_positions"] // max(1, results["project"]["train_steps"]))
-    rates = {f"rows_{m}": matmul_rate_gflops(lm.device, lm.dtype, m, shape) for m in sorted({rows, train_rows, 8, 1}, reverse=True)}
+    products = ["plain", "packed"] if isi.can_pack(lm) else ["plain"]
+    by_product = {product: {f"rows_{m}": matmul_rate_gflops(lm.device, lm.dtype, m, shape, packed=product == "packed")
+                            for m in sorted({rows, train_rows, 8, 1}, reverse=True)} for product in products}
+    # the reference is the faster product at each shape: what this machine can do there
+    rates = {k: max((by_product[p][k] for p in products), key=lambda rate: rate[0]) for k in by_product["plain"]}
     results["machine_gflops"] = {k: best for k, (best, _) in rates.items()}
     results["machine_gflops_median"] = {k: median for k, (_, median) in rates.items()}
+    results["machine_gflops_by_product"] = {p: {k: best for k, (best, _) in r.items()} for p, r in by_product.items()}
     results["arithmetic"] = {}
     for stage, gflop in stage_arithmetic(results["project"], shape).items():
         seconds = results["project"][f"{stage}_s"]
@@ -362,8 +381,10 @@ def main(argv=None) -> int:
         rate = gflop / seconds if seconds else 0.0
         results["arithmetic"][stage] = {"gflop": round(gflop, 1), "gflops": round(rate, 1),
                                         "share_of_machine_rate": round(rate / reference, 3) if reference else None}
-    print(f"machine: linear [m x {shape['hidden']}] x [{shape['hidden']} x {shape['intermediate']}] in {lm.dtype}: "
-          + ", ".join(f"{k.removeprefix('rows_')} rows {best} GFLOP/s (median {median})" for k, (best, median) in rates.items()))
+    for product, r in by_product.items():
+        print(f"machine: linear [m x {shape['hidden']}] x [{shape['hidden']} x {shape['intermediate']}] in {lm.dtype}, "
+              f"{product}: " + ", ".join(f"{k.removeprefix('rows_')} rows {best} GFLOP/s (median {median})"
+                                         for k, (best, median) in r.items()))
     for stage, a in results["arithmetic"].items():
         print(f"  {stage:>8}: {a['gflop']} GFLOP at {a['gflops']} GFLOP/s = {100 * (a['share_of_machine_rate'] or 0):.0f}% "
               f"of the machine's best rate at {train_rows if stage == 'train' else rows} rows", flush=True)
