@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -93,7 +94,7 @@ class Config:
     max_command_tokens: int = field(default=48, metadata={"help": "cap on new tokens for a command (generation also stops at its first line)"})
     max_inversion_tokens: int = field(default=40, metadata={"help": "cap on new tokens for a reconstructed task"})
     gen_batch_size: int = field(default=160, metadata={"help": "sequences per batch in generation (a prompt's candidates share one prefill)"})
-    cpu_matmul: str = field(default="auto", metadata={"help": "the CPU's matrix products in generation: packed: the frozen weights reordered once for oneDNN; plain: PyTorch's default; auto: the faster of the two on this machine, measured once and kept in the cache folder", "choices": ["auto", "packed", "plain"]})
+    cpu_matmul: str = field(default="auto", metadata={"help": "the CPU's products with the frozen weights: packed: the weights reordered once for oneDNN (two more copies in memory); plain: PyTorch's own; auto: packed where it is faster on this machine (measured once, kept in the cache folder) and fits in a quarter of its memory", "choices": ["auto", "packed", "plain"]})
 
 
 RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul"}  # may differ between a run and its resume
@@ -860,7 +861,7 @@ class LanguageModel:
     stop_ids: frozenset  # token ids that end a sequence
     fresh_adapter: dict  # the adapter's weights as initialised (--train-from base starts each cycle from them)
     team: Team = Team()  # the processes sharing the run's work
-    matmul: str = "plain"  # the frozen weights' products without gradients: "packed" (oneDNN) or "plain"
+    matmul: str = "plain"  # the frozen weights' products on the CPU: "packed" (oneDNN) or "plain" (torch's own)
 
 
 def load_language_model(cfg: Config, team: Team = Team()) -> LanguageModel:
@@ -924,7 +925,7 @@ def describe_model(lm: LanguageModel, cfg: Config) -> str:
     trainable = sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
     total = parameter_count(lm.model.parameters())
     weights = "4-bit NF4 (double quantisation)" if lm.weights == "nf4" else lm.weights
-    packed = ", generation's matrix products packed for oneDNN" if lm.matmul == "packed" else ""
+    packed = ", frozen weights packed for oneDNN" if lm.matmul == "packed" else ""
     return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}{packed}, {total / 1e6:.1f}M "
             f"parameters, LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")
 
@@ -946,30 +947,38 @@ def can_pack(lm: LanguageModel) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def packed_linear_forward(module, packed):
-    """`module`'s forward, through its weight reordered once into oneDNN's layout when no gradient
-    is taken (generation); torch's own product when one is (training). torch's CPU product
-    reorders the weight at every call: in a decode step, over 8 to 150 rows, that is a large part
-    of the work. The packed product's rows do not depend on how many rows a call has."""
+@functools.cache
+def packed_product():
+    """x W^T + b through W packed once into oneDNN's layout, and the gradient to x (W is frozen)
+    through W^T packed likewise. torch's own CPU product reorders W at every call: over the 8 to
+    150 rows of a decode step that is a large part of the work. A row's result does not depend
+    on how many rows the call has."""
     import torch
-    plain = module.forward
 
-    def forward(x):
-        if torch.is_grad_enabled():
-            return plain(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-    return forward
+    class PackedProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, transposed, bias):
+            ctx.transposed = transposed
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.transposed, None, "none", [], ""), None, None, None
+    return PackedProduct.apply
 
 
 def set_packed_products(model, on: bool) -> None:
-    """Install (or remove) packed products on every frozen linear layer. The packed weights are
-    a second copy of the base model's weights in memory."""
+    """Install (or remove) packed products on every frozen linear layer. The packed weights, and
+    their transposes for training, are two more copies of the base model's weights in memory."""
     import torch
+    product = packed_product()
     for module in frozen_linears(model):
         module.__dict__.pop("forward", None)  # back to the class's own forward
         if on:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 150)
-            module.forward = packed_linear_forward(module, packed)
+            weight = module.weight.detach()
+            packed = (torch.ops.mkldnn._reorder_linear_weight(weight, 150),
+                      torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 445))
+            module.forward = lambda x, packed=packed, bias=module.bias: product(x, *packed, bias)
 
 
 def cpu_identity() -> str:
@@ -986,10 +995,10 @@ def cpu_identity() -> str:
 
 def time_products(dtype, k: int, n: int) -> dict:
     """Seconds for 10 products [m x k] x [k x n] at m = 8 and 150 rows (the ends of a decode
-    batch), torch's own and packed, best of 5 interleaved windows."""
+    batch) and 445 (a training batch), torch's own and packed, best of 5 interleaved windows."""
     import torch
     torch.manual_seed(0)
-    weight, xs = torch.randn(n, k, dtype=dtype), [torch.randn(m, k, dtype=dtype) for m in (8, 150)]
+    weight, xs = torch.randn(n, k, dtype=dtype), [torch.randn(m, k, dtype=dtype) for m in (8, 150, 445)]
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 150)
     products = {"plain": lambda x: torch.nn.functional.linear(x, weight),
                 "packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
@@ -1007,9 +1016,10 @@ def time_products(dtype, k: int, n: int) -> dict:
 
 def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
     """--cpu-matmul, auto resolved on this machine: packed where it is at least 5% faster than
-    torch's own product at the model's largest frozen shape. Measured once per CPU, torch
-    version, dtype and shape, and kept in the cache folder, so every run on a machine makes the
-    same choice (the two differ in rounding)."""
+    torch's own product at the model's largest frozen shape, and its two extra copies of the
+    weights take at most a quarter of the machine's memory. Measured once per CPU, torch version,
+    dtype and shape, and kept in the cache folder, so every run on a machine makes the same
+    choice (the two differ in rounding)."""
     if cfg.cpu_matmul == "plain" or not can_pack(lm):
         if cfg.cpu_matmul == "packed" and lm.device == "cpu":
             raise UsageError("--cpu-matmul packed: needs plain fp32 or bf16 weights and PyTorch's oneDNN "
@@ -1018,6 +1028,9 @@ def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
     if cfg.cpu_matmul == "packed":
         return "packed"
     import torch
+    copies = 2 * sum(m.weight.numel() * m.weight.element_size() for m in frozen_linears(lm.model))
+    if copies > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4:
+        return "plain"
     head = lm.model.get_base_model().get_output_embeddings()
     largest = max((m for m in frozen_linears(lm.model) if m is not head), key=lambda m: m.weight.numel())
     n, k = largest.weight.shape
@@ -1040,8 +1053,8 @@ def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
 
 
 def use_cpu_matmul(lm: LanguageModel, cfg: Config, team: Team = Team()) -> None:
-    """Decide --cpu-matmul (every process takes the main one's choice) and install it."""
-    choice = team.everyone(team.together(lambda: choose_cpu_matmul(lm, cfg)))[0]
+    """Decide --cpu-matmul (the main process decides, every process takes its choice) and install it."""
+    choice = team.everyone(team.together(lambda: choose_cpu_matmul(lm, cfg) if team.main else None))[0]
     set_packed_products(lm.model, choice == "packed")
     lm.matmul = choice
 

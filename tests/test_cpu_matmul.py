@@ -1,0 +1,118 @@
+"""--cpu-matmul: the frozen weights' products through weights packed once for oneDNN give what
+torch's own products give (forward and the gradient to the adapter), and `auto` is measured once
+per machine and kept, so every run on a machine makes the same choice."""
+import json
+import random
+
+import pytest
+import torch
+
+import intrinsic_self_improvement as isi
+
+
+def load_tiny(tiny_model_dir, *extra):
+    return isi.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra]))
+
+
+def batch_of_examples(lm):
+    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 3, random.Random(0), distinct=True)
+    examples = [isi.command_example(lm.tokenizer, t, f"nmap -p {22 + i} 10.0.0.{i}") for i, t in enumerate(tasks)]
+    return isi.collate(examples, lm.tokenizer.pad_token_id)
+
+
+def logits_loss_and_gradients(lm, batch):
+    lm.model.eval()  # no dropout: the two paths see the same adapter inputs
+    with torch.inference_mode():
+        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lm.model.zero_grad(set_to_none=True)
+    loss, _ = isi.completion_loss(lm.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.requires_grad}
+    lm.model.zero_grad(set_to_none=True)
+    return logits, loss.item(), grads
+
+
+def test_packed_products_give_torchs_forward_and_gradients(tiny_model_dir):
+    lm = load_tiny(tiny_model_dir)
+    for p in lm.model.parameters():  # a trained adapter: LoRA's B starts at zero, so its A would get no gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = batch_of_examples(lm)
+    plain = logits_loss_and_gradients(lm, batch)
+    isi.set_packed_products(lm.model, True)
+    layers = isi.frozen_linears(lm.model)
+    assert len(layers) == 2 * 7 + 1 and all("forward" in vars(m) for m in layers)  # q,k,v,o,gate,up,down; the head
+    packed = logits_loss_and_gradients(lm, batch)
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-4, atol=1e-4)
+    assert packed[1] == pytest.approx(plain[1], rel=1e-5)
+    assert plain[2].keys() == packed[2].keys() and len(plain[2]) == 2 * 4 * 2
+    for name in plain[2]:
+        torch.testing.assert_close(packed[2][name], plain[2][name], rtol=1e-3, atol=1e-6)
+    isi.set_packed_products(lm.model, False)
+    assert not any("forward" in vars(m) for m in layers)
+    assert torch.equal(logits_loss_and_gradients(lm, batch)[0], plain[0])
+
+
+def test_packed_rows_do_not_depend_on_their_batch(tiny_model_dir):
+    """Greedy continuations of 5 prompts in one batch equal each prompt's alone: the packed
+    product's rows do not depend on how many rows a call has, down to one."""
+    lm = load_tiny(tiny_model_dir, "--cpu-matmul", "packed")
+    isi.set_packed_products(lm.model, True)
+    requests = [isi.command_request(t) for t in isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(1), distinct=True)]
+    settings = {"temperature": 0, "max_new_tokens": 8, "stop_at_line": False, "seed": 0, "desc": "t"}
+    together = isi.generate(lm, requests, batch_size=8, **settings).texts
+    alone = [isi.generate(lm, [r], batch_size=1, **settings).texts[0] for r in requests]
+    assert together == alone
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "intrinsic-self-improvement" / "cpu_matmul.json"
+
+
+def test_auto_is_measured_once_per_machine_and_kept(tiny_model_dir, cache, monkeypatch):
+    lm = load_tiny(tiny_model_dir)
+    timings = []
+
+    def measured(dtype, k, n):
+        timings.append((dtype, k, n))
+        return {"plain": 1.0, "packed": 0.5}
+    monkeypatch.setattr(isi, "time_products", measured)
+    cfg = isi.parse_config(["--model", str(tiny_model_dir)])
+    assert isi.choose_cpu_matmul(lm, cfg) == "packed"
+    assert isi.choose_cpu_matmul(lm, cfg) == "packed"
+    assert timings == [(torch.float32, 64, 128)]  # the largest frozen shape (the MLP's), once
+    kept = json.loads(cache.read_text())
+    (key, entry), = kept.items()
+    assert "torch " + torch.__version__ in key and "float32" in key and entry["choice"] == "packed"
+    cache.write_text(json.dumps({key: {"choice": "plain"}}))  # what was measured is what every run takes
+    assert isi.choose_cpu_matmul(lm, cfg) == "plain" and len(timings) == 1
+
+
+def test_auto_keeps_torchs_product_unless_packing_is_clearly_faster(tiny_model_dir, cache, monkeypatch):
+    lm = load_tiny(tiny_model_dir)
+    cfg = isi.parse_config(["--model", str(tiny_model_dir)])
+    monkeypatch.setattr(isi, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.97})
+    assert isi.choose_cpu_matmul(lm, cfg) == "plain"
+
+
+def test_auto_does_not_pack_what_would_crowd_memory(tiny_model_dir, cache, monkeypatch):
+    lm = load_tiny(tiny_model_dir)
+    monkeypatch.setattr(isi, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.5})
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}  # a 4 MB machine: the copies would need more than a quarter
+    monkeypatch.setattr(isi.os, "sysconf", lambda name: pages[name])
+    assert isi.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "plain"
+    assert not cache.exists()
+
+
+def test_forced_choices_and_what_cannot_be_packed(tiny_model_dir, cache, monkeypatch):
+    lm = load_tiny(tiny_model_dir)
+    monkeypatch.setattr(isi, "time_products", lambda *shape: pytest.fail("a forced choice measures nothing"))
+    for choice in ("packed", "plain"):
+        assert isi.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", choice])) == choice
+    lm.weights = "nf4"  # 4-bit layers are bitsandbytes': there is nothing to pack
+    assert isi.choose_cpu_matmul(lm, isi.parse_config([])) == "plain"
+    with pytest.raises(isi.UsageError, match="--cpu-matmul packed: needs plain fp32 or bf16 weights"):
+        isi.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", "packed"]))
+    assert not cache.exists()
