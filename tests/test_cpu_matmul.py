@@ -100,10 +100,13 @@ def test_auto_keeps_torchs_product_unless_packing_is_clearly_faster(tiny_model_d
 def test_auto_does_not_pack_what_would_crowd_memory(tiny_model_dir, cache, monkeypatch):
     lm = load_tiny(tiny_model_dir)
     monkeypatch.setattr(isi, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.5})
-    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}  # a 4 MB machine: the copies would need more than a quarter
+    weights = sum(m.weight.numel() * 4 for m in isi.frozen_linears(lm.model))
+    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * 5 * weights - 4}  # five times the weights: just over a quarter
     monkeypatch.setattr(isi.os, "sysconf", lambda name: pages[name])
     assert isi.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "plain"
     assert not cache.exists()
+    pages["SC_PHYS_PAGES"] = 4 * 5 * weights  # a quarter is enough
+    assert isi.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "packed"
 
 
 def test_forced_choices_and_what_cannot_be_packed(tiny_model_dir, cache, monkeypatch):
