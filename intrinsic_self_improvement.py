@@ -963,7 +963,8 @@ def packed_product():
 
         @staticmethod
         def backward(ctx, grad):
-            return torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.transposed, None, "none", [], ""), None, None, None
+            to_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.transposed, None, "none", [], "")
+            return to_x, None, None, None
     return PackedProduct.apply
 
 
@@ -1017,9 +1018,9 @@ def time_products(dtype, k: int, n: int) -> dict:
 def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
     """--cpu-matmul, auto resolved on this machine: packed where it is at least 5% faster than
     torch's own product at the model's largest frozen shape, and the memory it adds (about five
-    times the frozen weights) is at most a quarter of the machine's. Measured once per CPU, torch version,
-    dtype and shape, and kept in the cache folder, so every run on a machine makes the same
-    choice (the two differ in rounding)."""
+    times the frozen weights) is at most a quarter of the machine's. Measured once per CPU, torch
+    version, dtype and shape, and kept in the cache folder, so every run on a machine makes the
+    same choice (the two differ in rounding)."""
     if cfg.cpu_matmul == "plain" or not can_pack(lm):
         if cfg.cpu_matmul == "packed" and lm.device == "cpu":
             raise UsageError("--cpu-matmul packed: needs plain fp32 or bf16 weights and PyTorch's oneDNN "
@@ -1042,7 +1043,9 @@ def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
+    if not isinstance(known, dict):
+        known = {}
+    if not isinstance(known.get(key), dict) or known[key].get("choice") not in ("packed", "plain"):
         seconds = time_products(largest.weight.dtype, k, n)
         known[key] = {"choice": "packed" if seconds["packed"] <= 0.95 * seconds["plain"] else "plain",
                       "seconds": {name: round(s, 5) for name, s in seconds.items()}}
@@ -2398,6 +2401,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     else:
         history = saved["history"]
         before = history.setdefault("compute", {})
+        before.setdefault("matmul", "plain")  # runs made before --cpu-matmul ran PyTorch's own products
         if any(before.get(key, compute[key]) != compute[key] for key in compute):
             print(f"note: cycles so far ran on {before['device']} in {before['dtype']} (weights "
                   f"{before.get('weights', before['dtype'])}, products {before.get('matmul', 'plain')}); these run "

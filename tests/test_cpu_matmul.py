@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import intrinsic_self_improvement as isi
+from conftest import read_progress, tiny_args
 
 
 def load_tiny(tiny_model_dir, *extra):
@@ -88,6 +89,11 @@ def test_auto_is_measured_once_per_machine_and_kept(tiny_model_dir, cache, monke
     assert "torch " + torch.__version__ in key and "float32" in key and entry["choice"] == "packed"
     cache.write_text(json.dumps({key: {"choice": "plain"}}))  # what was measured is what every run takes
     assert isi.choose_cpu_matmul(lm, cfg) == "plain" and len(timings) == 1
+    for damaged in ("[1, 2]", "{not json", json.dumps({key: {"choice": "fast"}})):  # measured again, kept again
+        cache.write_text(damaged)
+        assert isi.choose_cpu_matmul(lm, cfg) == "packed"
+        assert json.loads(cache.read_text())[key]["choice"] == "packed"
+    assert len(timings) == 4
 
 
 def test_auto_keeps_torchs_product_unless_packing_is_clearly_faster(tiny_model_dir, cache, monkeypatch):
@@ -119,3 +125,15 @@ def test_forced_choices_and_what_cannot_be_packed(tiny_model_dir, cache, monkeyp
     with pytest.raises(isi.UsageError, match="--cpu-matmul packed: needs plain fp32 or bf16 weights"):
         isi.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", "packed"]))
     assert not cache.exists()
+
+
+def test_a_run_records_its_products_and_a_resume_with_others_says_so(tiny_model_dir, tmp_path, capsys):
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "r", "--cpu-matmul", "packed")) == 0
+    assert read_progress(tmp_path / "r")["history"]["compute"]["matmul"] == "packed"
+    assert "frozen weights packed for oneDNN" in capsys.readouterr().out
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "r", "--resume",
+                              "--cpu-matmul", "plain")) == 0
+    out = capsys.readouterr().out
+    assert "products packed); these run on cpu in float32 (weights float32, products plain)" in out
+    assert "packed for oneDNN" not in out
+    assert read_progress(tmp_path / "r")["last_completed_cycle"] == 2
