@@ -947,6 +947,18 @@ def can_pack(lm: LanguageModel) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def pack_weight(weight, rows: int):
+    """A weight [n x k] reordered once into oneDNN's layout, for products of about `rows` rows."""
+    import torch
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def packed_linear(x, packed, bias=None):
+    """x W^T + b, W packed by pack_weight."""
+    import torch
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @functools.cache
 def packed_product():
     """x W^T + b through W packed once into oneDNN's layout, and the gradient to x (W is frozen)
@@ -959,26 +971,23 @@ def packed_product():
         @staticmethod
         def forward(ctx, x, weight, transposed, bias):
             ctx.transposed = transposed
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return packed_linear(x, weight, bias)
 
         @staticmethod
         def backward(ctx, grad):
-            to_x = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), ctx.transposed, None, "none", [], "")
-            return to_x, None, None, None
+            return packed_linear(grad.contiguous(), ctx.transposed), None, None, None
     return PackedProduct.apply
 
 
 def set_packed_products(model, on: bool) -> None:
     """Install (or remove) packed products on every frozen linear layer. The packed weights, and
     their transposes for training, are two more copies of the base model's weights in memory."""
-    import torch
     product = packed_product()
     for module in frozen_linears(model):
         module.__dict__.pop("forward", None)  # back to the class's own forward
         if on:
             weight = module.weight.detach()
-            packed = (torch.ops.mkldnn._reorder_linear_weight(weight, 150),
-                      torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 445))
+            packed = pack_weight(weight, 150), pack_weight(weight.t().contiguous(), 445)
             module.forward = lambda x, packed=packed, bias=module.bias: product(x, *packed, bias)
 
 
@@ -1000,9 +1009,8 @@ def time_products(dtype, k: int, n: int) -> dict:
     import torch
     torch.manual_seed(0)
     weight, xs = torch.randn(n, k, dtype=dtype), [torch.randn(m, k, dtype=dtype) for m in (8, 150, 445)]
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 150)
-    products = {"plain": lambda x: torch.nn.functional.linear(x, weight),
-                "packed": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")}
+    packed = pack_weight(weight, 150)
+    products = {"plain": lambda x: torch.nn.functional.linear(x, weight), "packed": lambda x: packed_linear(x, packed)}
     best = dict.fromkeys(products, math.inf)
     with torch.inference_mode():
         for _ in range(5):
@@ -1029,13 +1037,14 @@ def choose_cpu_matmul(lm: LanguageModel, cfg: Config) -> str:
     if cfg.cpu_matmul == "packed":
         return "packed"
     import torch
+    layers = frozen_linears(lm.model)
     # packing the embedded model's 0.54 GB of frozen weights raised a 2-cycle run's peak RSS by
     # 2.45 GB (2.95 -> 5.40 GB): the two copies and what oneDNN keeps with them
-    extra = 5 * sum(m.weight.numel() * m.weight.element_size() for m in frozen_linears(lm.model))
+    extra = 5 * sum(m.weight.numel() * m.weight.element_size() for m in layers)
     if extra > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4:
         return "plain"
     head = lm.model.get_base_model().get_output_embeddings()
-    largest = max((m for m in frozen_linears(lm.model) if m is not head), key=lambda m: m.weight.numel())
+    largest = max((m for m in layers if m is not head), key=lambda m: m.weight.numel())
     n, k = largest.weight.shape
     key = f"{cpu_identity()} | torch {torch.__version__} | {lm.dtype} | {k}x{n}"
     path = cache_root() / "cpu_matmul.json"
@@ -2404,7 +2413,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         before.setdefault("matmul", "plain")  # runs made before --cpu-matmul ran PyTorch's own products
         if any(before.get(key, compute[key]) != compute[key] for key in compute):
             print(f"note: cycles so far ran on {before['device']} in {before['dtype']} (weights "
-                  f"{before.get('weights', before['dtype'])}, products {before.get('matmul', 'plain')}); these run "
+                  f"{before.get('weights', before['dtype'])}, products {before['matmul']}); these run "
                   f"on {compute['device']} in {lm.dtype} (weights {lm.weights}, products {lm.matmul})", flush=True)
         # runs made before processes were counted ran in one
         processes = before.setdefault("processes", [1] * (saved["last_completed_cycle"] + 1))

@@ -259,12 +259,10 @@ def matmul_rate_gflops(device: str, dtype: str, rows: int, shape: dict, packed: 
     x = torch.randn(rows, shape["hidden"], device=device, dtype=kind)
     w = torch.randn(shape["intermediate"], shape["hidden"], device=device, dtype=kind)
     if packed:
-        w = torch.ops.mkldnn._reorder_linear_weight(w, 150)
+        w = isi.pack_weight(w, 150)
 
     def product():
-        if packed:
-            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return torch.nn.functional.linear(x, w)
+        return isi.packed_linear(x, w) if packed else torch.nn.functional.linear(x, w)
     for _ in range(3):
         product()
     rates = []
@@ -393,10 +391,15 @@ def main(argv=None) -> int:
                               for s in ("generate", "invert", "score", "train", "total")
                               if results["project"][f"{s}_s"] > 0}
         print("speedup (published / project): " + json.dumps(results["speedup"]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_figures(args.out, results)
     return 0
+
+
+def write_figures(out: str, results: dict) -> None:
+    """A bench's figures as JSON at --out (its folder made)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def device_name(device: str) -> str:

@@ -7,7 +7,6 @@ within sampling noise. Writes the figures as JSON.
     python bench/precision_check.py --out output/precision_check.json    # about 5 minutes here
 """
 import argparse
-import json
 import random
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import intrinsic_self_improvement as isi  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_cycle  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,9 +49,7 @@ def main(argv=None) -> int:
         results[precision] = {"dtype": lm.dtype, "sampled": rows,
                               "greedy": {k: greedy[k] for k in ("accepted", "mean_score", "unusable_commands")}}
         print(precision, "greedy", results[precision]["greedy"], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    bench_cycle.write_figures(args.out, results)
     return 0
 
 

@@ -71,9 +71,7 @@ def main(argv=None) -> int:
     results = {"model": args.random_config, "tasks": args.tasks, "candidates": args.candidates,
                "device_name": bench_cycle.device_name("cuda" if torch.cuda.is_available() else "cpu"),
                "runs": {str(n): f for n, f in runs.items()}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    bench_cycle.write_figures(args.out, results)
     return 0
 
 
