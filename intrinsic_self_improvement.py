@@ -991,6 +991,42 @@ def set_packed_products(model, on: bool) -> None:
             module.forward = lambda x, packed=packed, bias=module.bias: product(x, *packed, bias)
 
 
+def adapter_layers(model) -> list:
+    """peft's LoRA layers over plain linear layers (q, k, v, o here)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and type(m.get_base_layer()) is torch.nn.Linear]
+
+
+@contextlib.contextmanager
+def merged_adapter(lm: LanguageModel):
+    """For a generation stage: each LoRA layer runs one product with W + s BA instead of the
+    base product plus the adapter's two small ones and their sum (8-14% of a CPU generate stage).
+    The merged weights are new tensors (packed like the frozen ones where products are packed):
+    the base weights are never touched, since merging into them and back would not restore them
+    exactly. Only fp32 weights: the result differs from the unmerged layer's in rounding only,
+    where bf16 ones would lose much of the adapter's small update in the sum and 4-bit ones
+    cannot hold it. Layers whose adapter is disabled (the frozen judge) stay as they are."""
+    from torch.nn.functional import linear
+    layers = []
+    if lm.weights == "float32":
+        layers = [m for m in adapter_layers(lm.model) if not m.disable_adapters and not m.merged
+                  and any(a in m.lora_A for a in m.active_adapters)]
+    try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            weight = base.weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+            if lm.matmul == "packed":
+                packed = pack_weight(weight, 150)
+                layer.forward = lambda x, *args, packed=packed, bias=base.bias, **kwargs: packed_linear(x, packed, bias)
+            else:
+                layer.forward = lambda x, *args, weight=weight, bias=base.bias, **kwargs: linear(x, weight, bias)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
 def cpu_identity() -> str:
     """The CPU's model name and the instruction sets that decide its matrix-product kernels."""
     try:
@@ -1238,7 +1274,7 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
         return texts
 
     lm.model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), merged_adapter(lm):
         texts = team.spread(continue_requests, requests)
     totals = [sum(c) for c in zip(*team.everyone((counts["tokens"], counts["prefilled"])))]
     return Generated([text for copies_of_one in texts for text in copies_of_one], totals[0],

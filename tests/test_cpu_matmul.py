@@ -66,6 +66,54 @@ def test_packed_rows_do_not_depend_on_their_batch(tiny_model_dir):
     assert together == alone
 
 
+def test_merged_adapter_gives_the_adapters_logits_and_leaves_the_base_as_it_was(tiny_model_dir):
+    """Generation runs each LoRA layer as one product with W + s BA (plain and packed): the logits
+    of the adapter's model within rounding, and afterwards exactly the model of before."""
+    lm = load_tiny(tiny_model_dir)
+    for p in lm.model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    batch, layers = batch_of_examples(lm), isi.adapter_layers(lm.model)
+    base_weights = {n: p.clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
+    lm.model.eval()
+
+    def logits():
+        with torch.inference_mode():
+            return lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    with lm.model.disable_adapter():
+        without = logits()
+        with isi.merged_adapter(lm):  # the frozen judge: nothing to merge
+            assert not any("forward" in vars(m) for m in layers)
+            assert torch.equal(logits(), without)
+    before = logits()
+    assert not torch.allclose(before, without, rtol=1e-3, atol=1e-3)  # the adapter matters here
+    for matmul in ("plain", "packed"):
+        lm.matmul = matmul
+        isi.set_packed_products(lm.model, matmul == "packed")
+        reference = logits()
+        with isi.merged_adapter(lm):
+            assert len(layers) == 2 * 4 and all("forward" in vars(m) for m in layers)  # q,k,v,o in 2 layers
+            torch.testing.assert_close(logits(), reference, rtol=1e-4, atol=1e-4)
+        assert not any("forward" in vars(m) for m in layers)
+        assert torch.equal(logits(), reference)
+    isi.set_packed_products(lm.model, False)
+    assert torch.equal(logits(), before)
+    assert all(torch.equal(p, base_weights[n]) for n, p in lm.model.named_parameters() if not p.requires_grad)
+
+
+@pytest.mark.parametrize("precision, adapter_runs", [("fp32", False), ("bf16", True)])
+def test_generation_runs_the_adapter_merged_only_in_fp32(tiny_model_dir, precision, adapter_runs):
+    """bf16 weights would lose much of the adapter's update in W + s BA: there LoRA runs as is."""
+    lm = load_tiny(tiny_model_dir, "--precision", precision)
+    calls = []
+    for layer in isi.adapter_layers(lm.model):
+        layer.lora_A["default"].register_forward_hook(lambda *_: calls.append(1))
+    isi.generate(lm, ["list the files"], temperature=0, max_new_tokens=3, stop_at_line=False, batch_size=1, seed=0,
+                 desc="t")
+    assert bool(calls) == adapter_runs
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
