@@ -1001,7 +1001,8 @@ def adapter_layers(model) -> list:
 @contextlib.contextmanager
 def merged_adapter(lm: LanguageModel):
     """For a generation stage: each LoRA layer runs one product with W + s BA instead of the
-    base product plus the adapter's two small ones and their sum (8-14% of a CPU generate stage).
+    base product plus the adapter's two small ones and their sum: a CPU generate stage ran 12%
+    faster, an inversion stage 10% (fp32, packed products, four alternated pairs).
     The merged weights are new tensors (packed like the frozen ones where products are packed):
     the base weights are never touched, since merging into them and back would not restore them
     exactly. Only fp32 weights: the result differs from the unmerged layer's in rounding only,
