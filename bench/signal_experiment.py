@@ -26,7 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import intrinsic_self_improvement as isi  # noqa: E402
-import nl2bash_eval  # noqa: E402
+import support.model
+import support.reports
+import support.run_directory
+from support import nl2bash  # noqa: E402
 
 SEEDS = (0, 1, 2)
 ARMS = {"inversion": [], "execution": ["--signal", "execution"], "agreement": ["--signal", "agreement"]}
@@ -53,8 +56,8 @@ def run_one(output: Path, name: str, seed: int, extra: list[str]) -> float:
 
 
 def final_eval(output: Path, name: str, groups) -> dict:
-    history = isi.load_run(str(output / name))["history"]
-    return isi.eval_figures(str(output / name), history, len(history["cycles"]), groups)
+    history = support.reports.load_run(str(output / name))["history"]
+    return support.reports.eval_figures(str(output / name), history, len(history["cycles"]), groups)
 
 
 def best_arm(output: Path) -> str:
@@ -71,17 +74,17 @@ def untrained(output: Path) -> list[dict]:
     if not path.exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         cfg = isi.parse_config(SETTINGS)
-        lm = isi.load_language_model(cfg)
-        summary, records = isi.external_evaluation(lm, isi.load_embedder(cfg, lm.device), cfg,
+        lm = support.model.load_language_model(cfg)
+        summary, records = isi.external_evaluation(lm, support.model.load_embedder(cfg, lm.device), cfg,
                                                    isi.evaluation_items(cfg), 0)
-        isi.write_jsonl(path, records)
-    return isi.read_jsonl(path)
+        support.run_directory.write_jsonl(path, records)
+    return support.run_directory.read_jsonl(path)
 
 
 def do_nothing() -> list[dict]:
     """`true` for every evaluated item, scored like a model's command."""
     items = isi.evaluation_items(isi.parse_config(SETTINGS))
-    with nl2bash_eval.Evaluator(items) as evaluator:
+    with nl2bash.Evaluator(items) as evaluator:
         return evaluator.score(["true"] * len(items))
 
 
@@ -109,11 +112,11 @@ def main() -> int:
     runs = sorted(str(p.parent) for p in output.glob("*/progress.json"))
     nothing = do_nothing()
     report = {"best_arm_on_fs_1_2": chosen, "wall_s_this_invocation": walls,
-              "untrained": {"fs_1_2": isi.figures_over(reference, DEV), "fs_3_4_5": isi.figures_over(reference, TEST)},
-              "do_nothing": {"fs_1_2": isi.figures_over(nothing, DEV), "fs_3_4_5": isi.figures_over(nothing, TEST)}}
+              "untrained": {"fs_1_2": support.reports.figures_over(reference, DEV), "fs_3_4_5": support.reports.figures_over(reference, TEST)},
+              "do_nothing": {"fs_1_2": support.reports.figures_over(nothing, DEV), "fs_3_4_5": support.reports.figures_over(nothing, TEST)}}
     for label, groups in (("file systems 1-2 (settings chosen here)", DEV), ("file systems 3-5 (reported)", TEST)):
         print(f"\n## {label}\n")
-        print(isi.compare_runs(runs, output / f"comparison_fs{''.join(map(str, groups))}.png", groups))
+        print(support.reports.compare_runs(runs, output / f"comparison_fs{''.join(map(str, groups))}.png", groups))
     for name in ("untrained", "do_nothing"):
         print(f"\n{name}:", json.dumps(report[name]))
     (output / "report.json").write_text(json.dumps(report, indent=1))

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the model hub
 
-import intrinsic_self_improvement as isi  # noqa: E402
+import support.model
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_cycle  # noqa: E402
@@ -21,7 +21,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     hub model given by path (chat template, pad = EOS, no hub access)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tokenizer = AutoTokenizer.from_pretrained(isi.embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(support.model.embedded_model_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -74,12 +74,20 @@ def figures(progress: dict) -> list:
     return strip(progress["history"])
 
 
+def sandbox_unavailable(error) -> None:
+    """Skip a test that needs the sandbox (bubblewrap, icalfa) where it cannot run, saying why;
+    under CI (CI=true), where the machine is set up for it, fail instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the sandbox must run under CI: {error}")
+    pytest.skip(f"sandbox unavailable: {error}")
+
+
 def refuse_model_loading(monkeypatch):
     """Any model load fails the test: the input must be refused before."""
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
-    monkeypatch.setattr(isi, "load_language_model", never)
-    monkeypatch.setattr(isi, "load_embedder", never)
+    monkeypatch.setattr(support.model, "load_language_model", never)  # where load_models looks them up
+    monkeypatch.setattr(support.model, "load_embedder", never)
 
 
 def one_line_error(capsys) -> str:
@@ -87,10 +95,6 @@ def one_line_error(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "run_last: run after every other test of the session")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,14 +4,14 @@ A long-lived process that has imported the script and its libraries (~5 s) once,
 child per request; the child counts calls of one hooked function and, at the chosen call, kills
 itself with a real signal. The parent has run no model, so the fork copies no thread pools.
 
-Requests on stdin, one JSON object a line: {"argv": [...], "hook": NAME, "at": N, "signal": "KILL"|"INT",
+Requests on stdin, one JSON object a line: {"argv": [...], "hook": NAME, "at": N, "signal": "KILL"|"INT"|"TERM",
 "log": PATH}. Answers on stdout, one JSON object a line: {"exit_code": int|null, "signal": int|null,
 "calls": how many calls of the hook the child made}. Hooks:
 
   replace   os.replace, before the rename (every atomic commit of the run directory)
   torn      pathlib.Path.write_text, after half the text is written
   adapter   peft's safetensors save_file, after half the adapter file is written
-  decode    intrinsic_self_improvement.decode_batch, before it runs (generation, mid-stage)
+  decode    support.decoder.decode_batch, before it runs (generation, mid-stage)
   train     intrinsic_self_improvement.train_adapter, before it runs
 """
 import json
@@ -28,6 +28,7 @@ import torch  # noqa: E402,F401
 import transformers.models.llama.modeling_llama  # noqa: E402,F401
 
 import intrinsic_self_improvement as isi  # noqa: E402
+import support.decoder  # noqa: E402
 
 
 def install(hook: str, at: int, signum: int, counter: list) -> None:
@@ -60,8 +61,9 @@ def install(hook: str, at: int, signum: int, counter: list) -> None:
             os.truncate(filename, size // 2)
         peft.peft_model.safe_save_file = counted(original, halve=half_file)
     elif hook in ("decode", "train"):
-        name = {"decode": "decode_batch", "train": "train_adapter"}[hook]
-        setattr(isi, name, counted(getattr(isi, name)))
+        # patched where the code looks it up: the decoder calls decode_batch, the loop train_adapter
+        where, name = {"decode": (support.decoder, "decode_batch"), "train": (isi, "train_adapter")}[hook]
+        setattr(where, name, counted(getattr(where, name)))
     else:
         raise SystemExit(f"unknown hook {hook}")
 

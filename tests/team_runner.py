@@ -7,10 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import intrinsic_self_improvement as isi  # noqa: E402
+import support.run_directory
 
 rank = os.environ.get("RANK", "0")
 log = Path(f"{os.environ['COMMIT_LOG']}.{rank}")
-commit = isi.commit
+commit = support.run_directory.commit
 
 
 def logged_commit(partial: Path, path: Path) -> None:
@@ -23,7 +24,7 @@ def failing_training(*args, **kwargs):
     raise RuntimeError(f"failure injected into process {rank}")
 
 
-isi.commit = logged_commit
+support.run_directory.commit = logged_commit
 if os.environ.get("FAIL_RANK") == rank:
     isi.train_adapter = failing_training
 sys.exit(isi.main())

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-import nl2bash_eval as ne
+from conftest import sandbox_unavailable
+
+from support import nl2bash as ne
 from intrinsic_self_improvement import BASH_DOMAIN, SLOT_PATTERN, check_domain, draw_tasks
 
 
@@ -28,7 +30,7 @@ def queries() -> set[str]:
     try:
         return {normalized(item["query"]) for item in ne.load_items()}
     except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+        sandbox_unavailable(error)
 
 
 def test_domain_shape():

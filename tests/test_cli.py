@@ -1,4 +1,5 @@
 """The CLI: --help, and bad input answered in one line with exit code 2 before any model loads."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,11 +18,14 @@ def cli(*args, cwd=None):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_help_documents_every_flag():
+def test_help_documents_every_flag_and_the_compare_subcommand():
     result = cli("--help")
     assert result.returncode == 0
-    for f in isi.dataclasses.fields(isi.Config):
+    for f in dataclasses.fields(isi.Config):
         assert "--" + f.name.replace("_", "-") in result.stdout
+    assert "compare RUN_DIR" in result.stdout
+    compare = cli("compare", "--help")
+    assert compare.returncode == 0 and "--eval-fs" in compare.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,15 +8,19 @@ import pytest
 import torch
 
 import intrinsic_self_improvement as isi
+import support
+import support.cpu_products
+import support.model
+import support.tasks
 from conftest import read_progress, tiny_args
 
 
 def load_tiny(tiny_model_dir, *extra):
-    return isi.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra]))
+    return support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra]))
 
 
 def batch_of_examples(lm):
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 3, random.Random(0), distinct=True)
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 3, random.Random(0), distinct=True)
     examples = [isi.command_example(lm.tokenizer, t, f"nmap -p {22 + i} 10.0.0.{i}") for i, t in enumerate(tasks)]
     return isi.collate(examples, lm.tokenizer.pad_token_id)
 
@@ -40,8 +44,8 @@ def test_packed_products_give_torchs_forward_and_gradients(tiny_model_dir):
             torch.nn.init.normal_(p, std=0.02)
     batch = batch_of_examples(lm)
     plain = logits_loss_and_gradients(lm, batch)
-    isi.set_packed_products(lm.model, True)
-    layers = isi.frozen_linears(lm.model)
+    support.cpu_products.set_packed_products(lm.model, True)
+    layers = support.cpu_products.frozen_linears(lm.model)
     assert len(layers) == 2 * 7 + 1 and all("forward" in vars(m) for m in layers)  # q,k,v,o,gate,up,down; the head
     packed = logits_loss_and_gradients(lm, batch)
     torch.testing.assert_close(packed[0], plain[0], rtol=1e-4, atol=1e-4)
@@ -49,7 +53,7 @@ def test_packed_products_give_torchs_forward_and_gradients(tiny_model_dir):
     assert plain[2].keys() == packed[2].keys() and len(plain[2]) == 2 * 4 * 2
     for name in plain[2]:
         torch.testing.assert_close(packed[2][name], plain[2][name], rtol=1e-3, atol=1e-6)
-    isi.set_packed_products(lm.model, False)
+    support.cpu_products.set_packed_products(lm.model, False)
     assert not any("forward" in vars(m) for m in layers)
     assert torch.equal(logits_loss_and_gradients(lm, batch)[0], plain[0])
 
@@ -58,8 +62,8 @@ def test_packed_rows_do_not_depend_on_their_batch(tiny_model_dir):
     """Greedy continuations of 5 prompts in one batch equal each prompt's alone: the packed
     product's rows do not depend on how many rows a call has, down to one."""
     lm = load_tiny(tiny_model_dir, "--cpu-matmul", "packed")
-    isi.set_packed_products(lm.model, True)
-    requests = [isi.command_request(t) for t in isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(1), distinct=True)]
+    support.cpu_products.set_packed_products(lm.model, True)
+    requests = [isi.command_request(t) for t in isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(1), distinct=True)]
     settings = {"temperature": 0, "max_new_tokens": 8, "stop_at_line": False, "seed": 0, "desc": "t"}
     together = isi.generate(lm, requests, batch_size=8, **settings).texts
     alone = [isi.generate(lm, [r], batch_size=1, **settings).texts[0] for r in requests]
@@ -73,7 +77,7 @@ def test_merged_adapter_gives_the_adapters_logits_and_leaves_the_base_as_it_was(
     for p in lm.model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)
-    batch, layers = batch_of_examples(lm), isi.adapter_layers(lm.model)
+    batch, layers = batch_of_examples(lm), support.cpu_products.adapter_layers(lm.model)
     base_weights = {n: p.clone() for n, p in lm.model.named_parameters() if not p.requires_grad}
     lm.model.eval()
 
@@ -83,21 +87,21 @@ def test_merged_adapter_gives_the_adapters_logits_and_leaves_the_base_as_it_was(
 
     with lm.model.disable_adapter():
         without = logits()
-        with isi.merged_adapter(lm):  # the frozen judge: nothing to merge
+        with support.cpu_products.merged_adapter(lm):  # the frozen judge: nothing to merge
             assert not any("forward" in vars(m) for m in layers)
             assert torch.equal(logits(), without)
     before = logits()
     assert not torch.allclose(before, without, rtol=1e-3, atol=1e-3)  # the adapter matters here
     for matmul in ("plain", "packed"):
         lm.matmul = matmul
-        isi.set_packed_products(lm.model, matmul == "packed")
+        support.cpu_products.set_packed_products(lm.model, matmul == "packed")
         reference = logits()
-        with isi.merged_adapter(lm):
+        with support.cpu_products.merged_adapter(lm):
             assert len(layers) == 2 * 4 and all("forward" in vars(m) for m in layers)  # q,k,v,o in 2 layers
             torch.testing.assert_close(logits(), reference, rtol=1e-4, atol=1e-4)
         assert not any("forward" in vars(m) for m in layers)
         assert torch.equal(logits(), reference)
-    isi.set_packed_products(lm.model, False)
+    support.cpu_products.set_packed_products(lm.model, False)
     assert torch.equal(logits(), before)
     assert all(torch.equal(p, base_weights[n]) for n, p in lm.model.named_parameters() if not p.requires_grad)
 
@@ -107,7 +111,7 @@ def test_generation_runs_the_adapter_merged_only_in_fp32(tiny_model_dir, precisi
     """bf16 weights would lose much of the adapter's update in W + s BA: there LoRA runs as is."""
     lm = load_tiny(tiny_model_dir, "--precision", precision)
     calls = []
-    for layer in isi.adapter_layers(lm.model):
+    for layer in support.cpu_products.adapter_layers(lm.model):
         layer.lora_A["default"].register_forward_hook(lambda *_: calls.append(1))
     isi.generate(lm, ["list the files"], temperature=0, max_new_tokens=3, stop_at_line=False, batch_size=1, seed=0,
                  desc="t")
@@ -127,19 +131,19 @@ def test_auto_is_measured_once_per_machine_and_kept(tiny_model_dir, cache, monke
     def measured(dtype, k, n):
         timings.append((dtype, k, n))
         return {"plain": 1.0, "packed": 0.5}
-    monkeypatch.setattr(isi, "time_products", measured)
+    monkeypatch.setattr(support.cpu_products, "time_products", measured)
     cfg = isi.parse_config(["--model", str(tiny_model_dir)])
-    assert isi.choose_cpu_matmul(lm, cfg) == "packed"
-    assert isi.choose_cpu_matmul(lm, cfg) == "packed"
+    assert support.cpu_products.choose_cpu_matmul(lm, cfg) == "packed"
+    assert support.cpu_products.choose_cpu_matmul(lm, cfg) == "packed"
     assert timings == [(torch.float32, 64, 128)]  # the largest frozen shape (the MLP's), once
     kept = json.loads(cache.read_text())
     (key, entry), = kept.items()
     assert "torch " + torch.__version__ in key and "float32" in key and entry["choice"] == "packed"
     cache.write_text(json.dumps({key: {"choice": "plain"}}))  # what was measured is what every run takes
-    assert isi.choose_cpu_matmul(lm, cfg) == "plain" and len(timings) == 1
+    assert support.cpu_products.choose_cpu_matmul(lm, cfg) == "plain" and len(timings) == 1
     for damaged in ("[1, 2]", "{not json", json.dumps({key: {"choice": "fast"}})):  # measured again, kept again
         cache.write_text(damaged)
-        assert isi.choose_cpu_matmul(lm, cfg) == "packed"
+        assert support.cpu_products.choose_cpu_matmul(lm, cfg) == "packed"
         assert json.loads(cache.read_text())[key]["choice"] == "packed"
     assert len(timings) == 4
 
@@ -147,31 +151,31 @@ def test_auto_is_measured_once_per_machine_and_kept(tiny_model_dir, cache, monke
 def test_auto_keeps_torchs_product_unless_packing_is_clearly_faster(tiny_model_dir, cache, monkeypatch):
     lm = load_tiny(tiny_model_dir)
     cfg = isi.parse_config(["--model", str(tiny_model_dir)])
-    monkeypatch.setattr(isi, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.97})
-    assert isi.choose_cpu_matmul(lm, cfg) == "plain"
+    monkeypatch.setattr(support.cpu_products, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.97})
+    assert support.cpu_products.choose_cpu_matmul(lm, cfg) == "plain"
 
 
 def test_auto_does_not_pack_what_would_crowd_memory(tiny_model_dir, cache, monkeypatch):
     lm = load_tiny(tiny_model_dir)
-    monkeypatch.setattr(isi, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.5})
-    weights = sum(m.weight.numel() * 4 for m in isi.frozen_linears(lm.model))
+    monkeypatch.setattr(support.cpu_products, "time_products", lambda *shape: {"plain": 1.0, "packed": 0.5})
+    weights = sum(m.weight.numel() * 4 for m in support.cpu_products.frozen_linears(lm.model))
     pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * 5 * weights - 4}  # five times the weights: just over a quarter
-    monkeypatch.setattr(isi.os, "sysconf", lambda name: pages[name])
-    assert isi.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "plain"
+    monkeypatch.setattr(support.cpu_products.os, "sysconf", lambda name: pages[name])
+    assert support.cpu_products.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "plain"
     assert not cache.exists()
     pages["SC_PHYS_PAGES"] = 4 * 5 * weights  # a quarter is enough
-    assert isi.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "packed"
+    assert support.cpu_products.choose_cpu_matmul(lm, isi.parse_config(["--model", str(tiny_model_dir)])) == "packed"
 
 
 def test_forced_choices_and_what_cannot_be_packed(tiny_model_dir, cache, monkeypatch):
     lm = load_tiny(tiny_model_dir)
-    monkeypatch.setattr(isi, "time_products", lambda *shape: pytest.fail("a forced choice measures nothing"))
+    monkeypatch.setattr(support.cpu_products, "time_products", lambda *shape: pytest.fail("a forced choice measures nothing"))
     for choice in ("packed", "plain"):
-        assert isi.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", choice])) == choice
+        assert support.cpu_products.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", choice])) == choice
     lm.weights = "nf4"  # 4-bit layers are bitsandbytes': there is nothing to pack
-    assert isi.choose_cpu_matmul(lm, isi.parse_config([])) == "plain"
-    with pytest.raises(isi.UsageError, match="--cpu-matmul packed: needs plain fp32 or bf16 weights"):
-        isi.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", "packed"]))
+    assert support.cpu_products.choose_cpu_matmul(lm, isi.parse_config([])) == "plain"
+    with pytest.raises(support.UsageError, match="--cpu-matmul packed: needs plain fp32 or bf16 weights"):
+        support.cpu_products.choose_cpu_matmul(lm, isi.parse_config(["--cpu-matmul", "packed"]))
     assert not cache.exists()
 
 

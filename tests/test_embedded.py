@@ -5,10 +5,11 @@ import json
 from conftest import read_progress
 
 import intrinsic_self_improvement as isi
+import support.model
 
 
 def test_embedding_scorer_on_known_answers():
-    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    embedder = support.model.load_embedder(isi.parse_config([]), "cpu")
     same, related, unrelated = isi.embedding_scores(
         embedder, ["Scan ports 22,80 on 10.0.0.1"] * 3,
         ["Scan ports 22,80 on 10.0.0.1", "Check which ports are open on host 10.0.0.1", "Bake a chocolate cake"])

@@ -11,6 +11,10 @@ import torch
 from conftest import figures, one_line_error, read_progress, refuse_model_loading, tiny_args
 
 import intrinsic_self_improvement as isi
+import support.decoder
+import support.model
+import support.reports
+import support.tasks
 
 PUBLISHED_BATCH_KEYS = {"total_generated", "accepted", "acceptance_rate", "mean_score"}
 
@@ -89,7 +93,7 @@ def load_tiny(tiny_model_dir, *extra):
     """In float32: the equality checks below compare two code paths, and in bf16 the rounding
     of a row depends on the shape of its batch."""
     cfg = isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra])
-    return isi.load_language_model(cfg)
+    return support.model.load_language_model(cfg)
 
 
 def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
@@ -97,9 +101,9 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     same left-padded batch, and each prompt's copies share its prefill exactly."""
     lm = load_tiny(tiny_model_dir)
     tok = lm.tokenizer
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True)
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(0), distinct=True)
     prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
-    ours, generated, _ = isi.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
+    ours, generated, _ = support.decoder.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
                                        stop_at_line=False, generator=None)
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.inference_mode():
@@ -115,7 +119,7 @@ def test_training_leaves_the_model_as_generation_expects_it(tiny_model_dir):
     lm = load_tiny(tiny_model_dir)
     base = lm.model.get_base_model()
     before = base.config._attn_implementation
-    task = isi.draw_tasks(isi.PENTEST_DOMAIN, 1, random.Random(0))[0]
+    task = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 1, random.Random(0))[0]
     result = isi.train_adapter(lm, isi.parse_config(["--model", str(tiny_model_dir)]), [(task, "nmap 10.0.0.1")] * 3, seed=0)
     assert result["steps"] == 1 and not result["skipped"]
     assert base.config._attn_implementation == before
@@ -149,9 +153,9 @@ def test_controls_frozen_judge_cumulative_data_random_selection(tiny_model_dir, 
 def test_model_written_tasks(tiny_model_dir, tmp_path):
     lm = load_tiny(tiny_model_dir)
     cfg = isi.parse_config(["--model", str(tiny_model_dir), "--max-inversion-tokens", "12"])
-    probe = frozenset(t.text for t in isi.draw_tasks(isi.PENTEST_DOMAIN, 5, random.Random(0), distinct=True))
-    tasks, info = isi.write_tasks(lm, cfg, isi.PENTEST_DOMAIN, 6, random.Random(1), 7, probe)
-    patterns = isi.template_patterns(isi.PENTEST_DOMAIN)
+    probe = frozenset(t.text for t in isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(0), distinct=True))
+    tasks, info = isi.write_tasks(lm, cfg, support.tasks.builtin_domain("pentest"), 6, random.Random(1), 7, probe)
+    patterns = isi.template_patterns(support.tasks.builtin_domain("pentest"))
     assert info["tasks_kept"] == len(tasks) <= 6 and info["tasks_requested"] >= 12
     for task in tasks:
         assert 3 <= len(task.text.split()) <= 40
@@ -164,10 +168,19 @@ def test_compare_runs(tiny_model_dir, tmp_path):
         assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--seed", seed)) == 0
     runs = sorted(str(p) for p in tmp_path.iterdir() if p.is_dir())
     plot = tmp_path / "cmp.png"
-    text = isi.compare_runs(runs, plot)
+    text = support.reports.compare_runs(runs, plot)
     assert "differ only by seed" in text and "(2 seeds)" in text and "±" in text
     assert plot.stat().st_size > 10_000
     assert isi.main(["compare", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("damage", ['{"history": ', "", '{"last_completed_cycle": 1}', '{"history": {"cycles": 3}}'])
+def test_compare_on_a_damaged_run_is_a_one_line_error(damage, tmp_path, capsys):
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / "progress.json").write_text(damage)
+    assert isi.main(["compare", str(run_dir)]) == 2
+    assert f"compare: {run_dir / 'progress.json'} is damaged (" in one_line_error(capsys)
 
 
 def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
@@ -192,12 +205,12 @@ def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
     for groups in ((1, 2), (3, 4, 5)):
         chosen = [r for r in records if int(r["id"][2]) in groups]
         assert 0 < len(chosen) < 6
-        figures_there = isi.eval_figures(str(run_dir), history, 2, groups)
+        figures_there = support.reports.eval_figures(str(run_dir), history, 2, groups)
         assert figures_there["n"] == len(chosen)
         assert figures_there["mean_reward"] == pytest.approx(sum(r["reward"] for r in chosen) / len(chosen))
-    table = isi.compare_runs([str(run_dir)], tmp_path / "cmp.png", (3, 4, 5))
+    table = support.reports.compare_runs([str(run_dir)], tmp_path / "cmp.png", (3, 4, 5))
     assert "file systems 3, 4, 5" in table
-    assert isi.eval_figures(str(run_dir), history, 2, None) == history["cycles"][1]["eval"]
+    assert support.reports.eval_figures(str(run_dir), history, 2, None) == history["cycles"][1]["eval"]
 
 
 def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -232,7 +245,7 @@ def test_four_bit_gradients_are_the_same_after_generation(tiny_model_dir):
     that kernel has no backward: on such CPUs, training after generation would silently lose the
     gradient through every 4-bit layer. The loader keeps one layout, so generating changes nothing."""
     cfg = isi.parse_config(["--model", str(tiny_model_dir), "--quantize", "4bit", "--lora-dropout", "0"])
-    lm = isi.load_language_model(cfg)
+    lm = support.model.load_language_model(cfg)
     for name, param in lm.model.named_parameters():
         if "lora_B" in name:  # lora_B starts at zero, which would hide the base layers' gradient
             torch.nn.init.normal_(param, std=0.1)

@@ -1,7 +1,8 @@
-"""Faults: a run killed (SIGKILL) or stopped (Ctrl-C) at any moment continues to the figures of an
-uninterrupted run; a damaged run directory is named in one line; a full disk stops the run in one
-line and --resume goes on once space is freed."""
+"""Faults: a run killed (SIGKILL) or stopped (Ctrl-C, SIGTERM) at any moment continues to the
+figures of an uninterrupted run; a damaged run directory, or one another process holds, is named in
+one line; a full disk stops the run in one line and --resume goes on once space is freed."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from conftest import ROOT, figures, one_line_error, read_progress, refuse_model_loading, tiny_args
 
 import intrinsic_self_improvement as isi
+import support.run_directory
 
 CYCLES = 2
 # Points of a 2-cycle tiny run (calls counted by tests/fault_runner.py): os.replace is called 17
@@ -66,16 +68,21 @@ def test_a_killed_run_continues_to_the_figures_of_an_uninterrupted_one(kills, ru
     assert sorted(p.name for p in run_dir.iterdir()) == straight[1]  # nothing half-written left behind
 
 
+STOPS = [("INT", 130, "Ctrl-C"), ("TERM", 143, "SIGTERM")]  # Ctrl-C, and what a cluster's scheduler sends
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda stop: stop[2])
 @pytest.mark.parametrize("hook, at, last_completed", [("decode", 2, None), ("replace", 9, None), ("replace", 10, 1), ("train", 2, 1)])
-def test_ctrl_c_stops_in_one_line_that_says_how_to_continue(hook, at, last_completed, runner, straight,
-                                                            tiny_model_dir, tmp_path):
+def test_ctrl_c_or_sigterm_stops_in_one_line_that_says_how_to_continue(hook, at, last_completed, stop, runner,
+                                                                       straight, tiny_model_dir, tmp_path):
+    signal_name, exit_code, said = stop
     argv = tiny_args(tiny_model_dir, tmp_path, "--cycles", str(CYCLES), "--name", "run")
     run_dir = tmp_path / "run"
-    result = runner(argv, hook, at, "INT", tmp_path / "log")
-    assert result["exit_code"] == 130
+    result = runner(argv, hook, at, signal_name, tmp_path / "log")
+    assert result["exit_code"] == exit_code
     log = (tmp_path / "log").read_text()
     assert "Traceback" not in log
-    stops = [line for line in log.splitlines() if line.startswith("stopped by Ctrl-C")]
+    stops = [line for line in log.splitlines() if line.startswith(f"stopped by {said}")]
     assert len(stops) == 1
     if last_completed is None:
         assert "before any cycle completed" in stops[0] and "run the same command" in stops[0]
@@ -84,6 +91,24 @@ def test_ctrl_c_stops_in_one_line_that_says_how_to_continue(hook, at, last_compl
         assert stops[0].endswith(f"continue with: python intrinsic_self_improvement.py {' '.join(argv)} --resume")
     assert isi.main(continue_as_a_user_would(argv, run_dir)) == 0
     assert figures(read_progress(run_dir)) == straight[0]
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line_before_anything_loads(one_cycle_run, capsys, monkeypatch):
+    """The same run started twice at once: the second start says so and leaves the first alone."""
+    run_dir, resume = one_cycle_run
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    holder = support.run_directory.hold_run_directory(run_dir)  # another process's open file, as far as flock goes
+    try:
+        assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
+        refuse_model_loading(monkeypatch)
+        capsys.readouterr()
+        assert isi.main(resume) == 2
+        line = one_line_error(capsys)
+        assert f"{run_dir} is in use by another process (pid {os.getpid()})" in line and "another --name" in line
+        assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    finally:
+        holder.close()
+    support.run_directory.hold_run_directory(run_dir).close()  # released with its file: free again
 
 
 @pytest.fixture

@@ -7,13 +7,15 @@ import torch
 from conftest import read_progress, tiny_args
 
 import intrinsic_self_improvement as isi
+import support.decoder
+import support.model
 
 TASK = isi.Task("Scan ports 22,80 on 10.0.0.1", "nmap")
 
 
 @pytest.fixture(scope="module")
 def mistral(mistral_model_dir):
-    return isi.load_language_model(isi.parse_config(["--model", str(mistral_model_dir), "--precision", "fp32"]))
+    return support.model.load_language_model(isi.parse_config(["--model", str(mistral_model_dir), "--precision", "fp32"]))
 
 
 def test_the_template_is_the_strict_published_one(mistral):
@@ -45,7 +47,7 @@ def test_newline_is_a_byte_token_and_generation_stops_at_the_first_command_line(
 
     def scripted(logits, temperature, generator, top_k=50):
         return torch.full((logits.shape[0],), next(steps), dtype=torch.long)
-    monkeypatch.setattr(isi, "pick_tokens", scripted)
+    monkeypatch.setattr(support.decoder, "pick_tokens", scripted)
     out = isi.generate(mistral, [isi.command_request(TASK)], temperature=0.7, max_new_tokens=40, stop_at_line=True,
                        batch_size=4, seed=0, desc="generate")
     assert out.tokens == len(command) + 2  # stopped at the newline that ends the command

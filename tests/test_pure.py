@@ -5,6 +5,11 @@ import random
 import pytest
 
 import intrinsic_self_improvement as isi
+import support
+import support.decoder
+import support.model
+import support.reports
+import support.tasks
 
 
 @pytest.mark.parametrize("output, command", [
@@ -88,7 +93,7 @@ def test_label_masking_covers_prompt_and_padding_only():
 
 
 def test_draw_tasks_is_seeded_and_never_draws_probe_tasks():
-    domain = isi.PENTEST_DOMAIN
+    domain = support.tasks.builtin_domain("pentest")
     probe = isi.draw_tasks(domain, 20, random.Random(1), distinct=True)
     assert len({t.text for t in probe}) == 20
     exclude = frozenset(t.text for t in probe)
@@ -100,7 +105,7 @@ def test_draw_tasks_is_seeded_and_never_draws_probe_tasks():
 
 def test_draw_tasks_reports_a_domain_too_small():
     domain = {"templates": [{"task": "List files in {dir}"}], "slots": {"dir": ["/tmp", "/etc"]}}
-    with pytest.raises(isi.UsageError, match="cannot produce 3 distinct"):
+    with pytest.raises(support.UsageError, match="cannot produce 3 distinct"):
         isi.draw_tasks(domain, 3, random.Random(0), distinct=True)
 
 
@@ -114,13 +119,13 @@ def test_draw_tasks_reports_a_domain_too_small():
     ({"templates": [{"task": "x"}], "slot": {}}, "unknown key"),
 ])
 def test_check_domain_names_the_problem(domain, message):
-    with pytest.raises(isi.UsageError, match=message):
-        isi.check_domain(domain, "tasks.json")
+    with pytest.raises(support.UsageError, match=message):
+        support.tasks.check_domain(domain, "tasks.json")
 
 
 def test_builtin_domain_is_valid_and_covers_the_published_tools():
-    isi.check_domain(isi.PENTEST_DOMAIN, "pentest")
-    tools = {t["tool"] for t in isi.PENTEST_DOMAIN["templates"]}
+    support.tasks.check_domain(support.tasks.builtin_domain("pentest"), "pentest")
+    tools = {t["tool"] for t in support.tasks.builtin_domain("pentest")["templates"]}
     assert tools == {"nmap", "nikto", "gobuster", "dirb", "nc", "searchsploit", "hydra", "sqlmap", "masscan"}
 
 
@@ -148,7 +153,7 @@ def test_stage_seed_differs_by_stage_and_is_stable():
     ([[1, 2, 3], [1, 2, 4], [1, 2]], 2), ([[1, 2], [1, 2]], 2), ([[5], [6]], 0), ([[1, 2, 3]], 3), ([[], [1]], 0),
 ])
 def test_shared_prefix_length(sequences, length):
-    assert isi.shared_prefix_length(sequences) == length
+    assert support.decoder.shared_prefix_length(sequences) == length
 
 
 def test_distinct_n_known_values():
@@ -187,8 +192,8 @@ def test_select_for_training_modes():
 
 
 def test_template_patterns_recognise_template_tasks_only():
-    patterns = isi.template_patterns(isi.PENTEST_DOMAIN)
-    for task in isi.draw_tasks(isi.PENTEST_DOMAIN, 200, random.Random(3)):
+    patterns = isi.template_patterns(support.tasks.builtin_domain("pentest"))
+    for task in isi.draw_tasks(support.tasks.builtin_domain("pentest"), 200, random.Random(3)):
         assert any(p.fullmatch(task.text) for p in patterns)
     assert not any(p.fullmatch("Enumerate SMB shares on the file server") for p in patterns)
 
@@ -196,7 +201,7 @@ def test_template_patterns_recognise_template_tasks_only():
 def test_curve_reads_cycle_zero_from_the_initial_entry():
     history = {"probe_initial": {"mean_score": 0.1},
                "cycles": [{"cycle": 1, "probe": {"mean_score": 0.2}}, {"cycle": 2, "probe": {}}]}
-    assert isi.curve(history, "probe", "mean_score", initial="probe_initial") == ([0, 1], [0.1, 0.2])
+    assert support.reports.curve(history, "probe", "mean_score", initial="probe_initial") == ([0, 1], [0.1, 0.2])
 
 
 def test_embedded_model_cache_drops_the_gguf_quantizer_marker(tmp_path, monkeypatch):
@@ -207,11 +212,11 @@ def test_embedded_model_cache_drops_the_gguf_quantizer_marker(tmp_path, monkeypa
     target.mkdir(parents=True)
     (target / "model.safetensors").write_bytes(b"")
     (target / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
-    assert isi.embedded_model_dir() == target
+    assert support.model.embedded_model_dir() == target
     assert json.loads((target / "config.json").read_text()) == {"model_type": "llama"}
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (4.4, "4s"), (59.6, "1m00s"), (187, "3m07s"), (3599, "59m59s"),
                                            (3900, "1h05m"), (90061, "25h01m")])
 def test_duration(seconds, text):
-    assert isi.duration(seconds) == text
+    assert support.reports.duration(seconds) == text

@@ -8,18 +8,22 @@ import random
 import pytest
 import torch
 
-from conftest import figures, one_line_error, read_progress, refuse_model_loading, tiny_args
+from conftest import figures, one_line_error, read_progress, refuse_model_loading, sandbox_unavailable, tiny_args
 
 import intrinsic_self_improvement as isi
-import nl2bash_eval as ne
+import support
+import support.model
+import support.tasks
+from support import nl2bash as ne
+from support import sandbox as sb
 
 
 @pytest.fixture(scope="module")
 def sandbox():
     try:
-        box = ne.Sandbox({"domain": (isi.environment_script(isi.BASH_DOMAIN), None)}, workers=2, timeout_s=2.0)
-    except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+        box = sb.Sandbox({"domain": (support.tasks.environment_script(support.tasks.builtin_domain("bash")), None)}, workers=2, timeout_s=2.0)
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
     with box:
         yield box
 
@@ -59,9 +63,9 @@ def test_agreement_groups_commands_by_what_they_do(sandbox):
     assert isi.agreement_group(runs) == [0, 1]  # same change; `true` agrees with itself but does nothing
 
 
-def run_of(output="", changes=(), exit_code=0, **kw) -> ne.Execution:
+def run_of(output="", changes=(), exit_code=0, **kw) -> sb.Execution:
     changes = frozenset(changes)
-    return ne.Execution(output=output, changes=changes, signatures={p: "file:0644:x" for p, k in changes if k != "deleted"},
+    return sb.Execution(output=output, changes=changes, signatures={p: "file:0644:x" for p, k in changes if k != "deleted"},
                         exit_code=exit_code, **kw)
 
 
@@ -92,14 +96,14 @@ def test_selection_per_signal():
 
 
 def test_the_environment_is_built_from_the_domain_alone():
-    script = isi.environment_script(isi.BASH_DOMAIN)
-    assert script == isi.environment_script(isi.BASH_DOMAIN)  # deterministic
-    assert isi.environment_script(isi.PENTEST_DOMAIN) is None
+    script = support.tasks.environment_script(support.tasks.builtin_domain("bash"))
+    assert script == support.tasks.environment_script(support.tasks.builtin_domain("bash"))  # deterministic
+    assert support.tasks.environment_script(support.tasks.builtin_domain("pentest")) is None
     try:
         items = ne.load_items()
         setups = "".join(ne.icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh").read_text() for g in ne.GROUPS)
-    except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
     for item in items:  # no query and no gold command reaches it (but for a few like `w`, too short to tell)
         for text in (item["query"], item["gold"], item["gold2"]):
             assert len(text) < 12 or text not in script
@@ -111,11 +115,11 @@ def test_the_environment_is_built_from_the_domain_alone():
 
 def test_a_domain_environment_is_checked():
     domain = {"slots": {"d": ["/data"], "w": ["word"]}, "templates": [{"task": "List {d}"}]}
-    assert isi.check_domain(domain | {"environment": {"directories": ["d"], "setup": "touch /data/x"}}, "t")
+    assert support.tasks.check_domain(domain | {"environment": {"directories": ["d"], "setup": "touch /data/x"}}, "t")
     for environment, message in [({"directories": ["nope"]}, "not in 'slots'"), ({"files": ["w"]}, "not an absolute path"),
                                  ({"folders": ["d"]}, "must be an object"), ({"setup": 3}, "must be text")]:
-        with pytest.raises(isi.UsageError, match=message):
-            isi.check_domain(domain | {"environment": environment}, "t")
+        with pytest.raises(support.UsageError, match=message):
+            support.tasks.check_domain(domain | {"environment": environment}, "t")
 
 
 def test_signal_needing_an_environment_is_refused_without_one(tmp_path, capsys, monkeypatch):
@@ -135,8 +139,8 @@ def test_bad_eval_fs_is_one_line(value, tmp_path, capsys, monkeypatch):
 def test_items_by_file_system():
     try:
         every = ne.load_items()
-    except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
     chosen = ne.load_items(groups=(3, 5))
     assert {i["group"] for i in chosen} == {3, 5}
     assert chosen == [i for i in every if i["group"] in (3, 5)]
@@ -205,7 +209,7 @@ def test_train_from_base_trains_a_fresh_adapter_on_all_selected_and_resumes(tiny
 
 def test_restart_adapter_restores_the_initial_weights(tiny_model_dir):
     cfg = isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32"])
-    lm = isi.load_language_model(cfg)
+    lm = support.model.load_language_model(cfg)
     initial = {n: p.detach().clone() for n, p in lm.model.named_parameters() if p.requires_grad}
     isi.train_adapter(lm, cfg, [(isi.Task("List /testbed"), "ls /testbed")] * 4, seed=0)
     trained = {n: p for n, p in lm.model.named_parameters() if p.requires_grad}

@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT
 
 import intrinsic_self_improvement as isi
+import support.model
+import support.tasks
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_cycle  # noqa: E402
@@ -19,9 +21,9 @@ def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model
     commands as one plain `generate` call per task, so it accepts the same examples. In float32,
     where a row's arithmetic does not depend on its batch."""
     cfg = isi.parse_config(["--precision", "fp32"])
-    lm = isi.load_language_model(cfg)
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 10, random.Random(5), distinct=True)
-    batched = isi.write_commands(lm, cfg, tasks, copies=1, greedy=True, seed=0, label="t").records
+    lm = support.model.load_language_model(cfg)
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 10, random.Random(5), distinct=True)
+    batched = isi.generate_commands(lm, cfg, tasks, copies=1, greedy=True, seed=0, label="t").records
     reference, _ = bench_cycle.generate_one_by_one(lm, [isi.command_request(t) for t in tasks],
                                                    cfg.max_command_tokens, 0, 0)
     same = sum(r["command"] == isi.extract_command(text) for r, text in zip(batched, reference))
@@ -32,12 +34,12 @@ def test_bf16_scores_like_fp32_within_sampling_noise():
     """bf16 (the default on CPUs with AMX, and on GPUs) changes the rounding, so single samples
     differ; over 30 tasks x 3 candidates its mean score and acceptance must stay within four
     standard errors of float32's on the same tasks and seed."""
-    tasks = isi.draw_tasks(isi.PENTEST_DOMAIN, 30, random.Random(7))
-    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 30, random.Random(7))
+    embedder = support.model.load_embedder(isi.parse_config([]), "cpu")
     scores = {}
     for precision in ("fp32", "bf16"):
         cfg = isi.parse_config(["--precision", precision])
-        lm = isi.load_language_model(cfg)
+        lm = support.model.load_language_model(cfg)
         assert lm.dtype == {"fp32": "float32", "bf16": "bfloat16"}[precision]
         stage = isi.run_stage(lm, embedder, cfg, tasks, copies=3, greedy=False, seed=0, label=precision)
         scores[precision] = torch.tensor([r["score"] for r in stage.records])
@@ -50,7 +52,7 @@ def test_bf16_scores_like_fp32_within_sampling_noise():
 
 
 def test_embedding_scores_do_not_depend_on_the_batch():
-    embedder = isi.load_embedder(isi.parse_config([]), "cpu")
+    embedder = support.model.load_embedder(isi.parse_config([]), "cpu")
     originals = ["Scan ports 22,80 on 10.0.0.1", "Find hidden directories on http://10.0.0.1",
                  "Search for public exploits for vsftpd 2.3.4 and show where they are stored on disk"]
     recons = ["Scan two ports on a host", "Brute-force web paths", "List exploits for an FTP server"]

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import ROOT, figures, read_progress, tiny_args
 import intrinsic_self_improvement as isi
+import support.model
+import support.run_directory
 
 RUNNER = str(ROOT / "tests" / "team_runner.py")
 LAUNCH_TIMEOUT_S = 150  # a launch takes 10-20 s here; a hung collective must fail the test, not stall it
@@ -64,17 +66,17 @@ def two_process_runs(tiny_model_dir, tmp_path_factory) -> dict:
     straight = launch("accelerate", run_args(tiny_model_dir, root / "straight", 3), root / "straight.log")
     first = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 2), root / "resumed.log")
     resumed = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 3, "--resume"), root / "resumed.log")
-    alone_log, commit = [], isi.commit
+    alone_log, commit = [], support.run_directory.commit
 
     def logged_commit(partial: Path, path: Path) -> None:
         alone_log.append(str(path.relative_to(root / "alone" / "team")))
         commit(partial, path)
 
-    isi.commit = logged_commit
+    support.run_directory.commit = logged_commit
     try:
         assert isi.main(run_args(tiny_model_dir, root / "alone", 3)) == 0
     finally:
-        isi.commit = commit
+        support.run_directory.commit = commit
     return {"root": root, "straight": straight, "first": first, "resumed": resumed, "alone_log": alone_log}
 
 
@@ -129,7 +131,7 @@ def test_bad_input_is_said_once_by_a_team(tiny_model_dir, tmp_path):
 def test_shares_of_a_batch_sum_to_its_loss_and_gradient(tiny_model_dir):
     """What two processes compute for one batch (then sum) is what one computes for all of it."""
     import torch
-    lm = isi.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32"]))
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32"]))
     lm.model.eval()  # no dropout: each call sees the same network
     batch = [isi.command_example(lm.tokenizer, isi.Task(task), command) for task, command in [
         ("List /tmp", "ls /tmp"), ("Count lines of a.txt", "wc -l a.txt"), ("Show the date", "date -u +%F"),

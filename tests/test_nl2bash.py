@@ -1,4 +1,4 @@
-"""nl2bash_eval: metrics with known answers, the scorer on real items, and the sandbox's
+"""support/nl2bash.py and support/sandbox.py: metrics with known answers, the scorer on real items, and the sandbox's
 containment (each hostile command is checked against the host afterwards)."""
 import concurrent.futures
 import importlib.metadata
@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import nl2bash_eval as ne
+from conftest import sandbox_unavailable
+
+from support import nl2bash as ne
+from support import sandbox as sb
 
 TIMEOUT_S = 3.0
 
@@ -22,8 +25,8 @@ TIMEOUT_S = 3.0
 def items() -> list[dict]:
     try:
         return ne.load_items()
-    except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
 
 
 def item_with_gold(items: list[dict], gold: str) -> dict:
@@ -45,8 +48,8 @@ def known(items):
     chosen = [item_with_gold(items, gold) for gold in KNOWN_GOLDS]
     try:
         evaluator = ne.Evaluator(chosen, workers=2, timeout_s=TIMEOUT_S)
-    except ne.SandboxUnavailable as error:
-        pytest.skip(str(error))
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
     with evaluator:
         yield evaluator
 
@@ -154,8 +157,8 @@ def test_command_structure_counts_nested_commands():
     assert ne.command_structure("find /w -mtime -30 -size +1k") == [("find", frozenset({"-mtime", "-size"}))]
 
 
-def execution(output="", changes=(), signatures=None) -> ne.Execution:
-    return ne.Execution(output=output, changes=frozenset(changes), signatures=signatures or {}, exit_code=0)
+def execution(output="", changes=(), signatures=None) -> sb.Execution:
+    return sb.Execution(output=output, changes=frozenset(changes), signatures=signatures or {}, exit_code=0)
 
 
 def test_intercode_reward_known_values():
@@ -204,13 +207,13 @@ def test_snapshot_and_diff(tmp_path):
     (tmp_path / "change.txt").write_text("b")
     (tmp_path / "gone.txt").write_text("c")
     (tmp_path / "usr").mkdir()  # a system folder: never part of the diff
-    before = ne.snapshot_tree(tmp_path)
+    before = sb.snapshot_tree(tmp_path)
     (tmp_path / "change.txt").chmod(0o600)
     (tmp_path / "gone.txt").unlink()
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "link").symlink_to("/keep.txt")
     (tmp_path / "usr" / "ignored").write_text("d")
-    changes, signatures = ne.diff_snapshots(before, ne.snapshot_tree(tmp_path))
+    changes, signatures = sb.diff_snapshots(before, sb.snapshot_tree(tmp_path))
     assert changes == {("/change.txt", "modified"), ("/gone.txt", "deleted"), ("/new", "added"),
                        ("/new/link", "added")}
     assert signatures["/new/link"] == "link:/keep.txt" and "/gone.txt" not in signatures
@@ -273,7 +276,7 @@ def test_score_checks_length(known):
 # ---------------------------------------------------------------------------------------------
 
 def test_missing_bwrap_raises_one_line(items):
-    with pytest.raises(ne.SandboxUnavailable) as error:
+    with pytest.raises(sb.SandboxUnavailable) as error:
         ne.Evaluator(items[:1], bwrap="/nonexistent/bwrap")
     assert "\n" not in str(error.value) and "bubblewrap" in str(error.value)
 
@@ -282,7 +285,7 @@ def test_missing_icalfa_raises_one_line(monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
-    with pytest.raises(ne.SandboxUnavailable) as error:
+    with pytest.raises(sb.SandboxUnavailable) as error:
         ne.load_items()
     assert "\n" not in str(error.value) and "icalfa" in str(error.value)
 
@@ -291,7 +294,7 @@ def test_refusing_bwrap_raises_one_line(items, tmp_path):
     fake = tmp_path / "bwrap"
     fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\necho more >&2\nexit 1\n")
     fake.chmod(0o755)
-    with pytest.raises(ne.SandboxUnavailable) as error:
+    with pytest.raises(sb.SandboxUnavailable) as error:
         ne.Evaluator(items[:1], bwrap=str(fake))
     assert "\n" not in str(error.value) and "Permission denied" in str(error.value)
 
@@ -304,8 +307,8 @@ def test_refusing_bwrap_raises_one_line(items, tmp_path):
 def sandbox(items):
     try:
         evaluator = ne.Evaluator([item_with_gold(items, COPY_GOLD)], workers=1, timeout_s=TIMEOUT_S)
-    except ne.SandboxUnavailable as error:
-        pytest.skip(f"bubblewrap unusable here: {error}")
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
     with evaluator:
         yield evaluator
 
@@ -336,7 +339,7 @@ def host(tmp_path):
     assert Path(__file__).is_file() and Path(ne.__file__).is_file()
     for folder in ("/", "/tmp", "/usr", "/etc", "/root", "/home", "/work", "/var", "/opt", str(tmp_path)):
         assert not os.path.lexists(os.path.join(folder, marker)), folder
-    sandbox_uid = (ne.sandbox_identity() or (None, None))[0]  # None: the sandbox runs as us
+    sandbox_uid = (sb.sandbox_identity() or (None, None))[0]  # None: the sandbox runs as us
     new_tmp = [name for name in set(os.listdir("/tmp")) - tmp_before
                if marker in name or os.lstat(f"/tmp/{name}").st_uid == sandbox_uid]
     assert new_tmp == []
@@ -366,7 +369,7 @@ def test_sandbox_sees_no_host_files(sandbox, host):
     assert_isolated(sandbox, sentinel)
     result, _ = run_hostile(sandbox, "touch /usr/x /etc/x 2>&1; id -un; hostname; ulimit -u")
     assert result["output"].count("Read-only file system") == 2
-    assert result["output"].split()[-3:] == ["root", ne.HOSTNAME, str(ne.MAX_PROCESSES)]
+    assert result["output"].split()[-3:] == ["root", sb.HOSTNAME, str(sb.MAX_PROCESSES)]
 
 
 def test_rm_rf_root_is_contained(sandbox, host):
@@ -416,7 +419,7 @@ def test_fork_bomb_is_contained_and_killed(sandbox, host, bomb, keeps_running):
 def test_output_and_file_floods_are_capped(sandbox, host, flood):
     result, seconds = run_hostile(sandbox, flood)
     if ">" in flood:  # the file-size limit stops the writer; the listing shows the capped size
-        assert str(ne.MAX_FILE_BYTES) in result["output"]
+        assert str(sb.MAX_FILE_BYTES) in result["output"]
     else:
         assert result["truncated"] and seconds < TIMEOUT_S
     assert len(result["output"]) <= ne.OUTPUT_KEPT_CHARS

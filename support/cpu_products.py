@@ -1,0 +1,201 @@
+"""The CPU's matrix products: frozen weights packed once for oneDNN, and LoRA merged for
+generation (--cpu-matmul).
+
+torch's own CPU product reorders the weight at every call; over the 8 to 150 rows of a decode
+step that is a large part of the work. Packing is measured once per machine (`auto`) and the
+choice kept in the cache folder, so every run on a machine makes the same choice. Nothing here
+runs on a GPU. docs/speed.md has the figures.
+
+The rest may call: use_cpu_matmul, set_packed_products, merged_adapter, choose_cpu_matmul,
+time_products, can_pack, pack_weight, packed_linear, frozen_linears, adapter_layers.
+"""
+import contextlib
+import functools
+import json
+import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+from support import UsageError
+from support.model import LanguageModel, cache_root
+from support.run_directory import write_json
+from support.team import Team
+
+
+def frozen_linears(model) -> list:
+    """The base model's plain linear layers, vocabulary head included: frozen for the whole run
+    (LoRA's own layers train; 4-bit layers are bitsandbytes', not plain)."""
+    import torch
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+
+
+def can_pack(lm: LanguageModel) -> bool:
+    import torch
+    return (lm.device == "cpu" and lm.weights in ("float32", "bfloat16") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_weight(weight, rows: int):
+    """A weight [n x k] reordered once into oneDNN's layout, for products of about `rows` rows."""
+    import torch
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def packed_linear(x, packed, bias=None):
+    """x W^T + b, W packed by pack_weight."""
+    import torch
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@functools.cache
+def packed_product():
+    """x W^T + b through W packed once into oneDNN's layout, and the gradient to x (W is frozen)
+    through W^T packed likewise. torch's own CPU product reorders W at every call: over the 8 to
+    150 rows of a decode step that is a large part of the work. A row's result does not depend
+    on how many rows the call has."""
+    import torch
+
+    class PackedProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, transposed, bias):
+            ctx.transposed = transposed
+            return packed_linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return packed_linear(grad.contiguous(), ctx.transposed), None, None, None
+    return PackedProduct.apply
+
+
+def set_packed_products(model, on: bool) -> None:
+    """Install (or remove) packed products on every frozen linear layer. The packed weights, and
+    their transposes for training, are two more copies of the base model's weights in memory."""
+    product = packed_product()
+    for module in frozen_linears(model):
+        module.__dict__.pop("forward", None)  # back to the class's own forward
+        if on:
+            weight = module.weight.detach()
+            packed = pack_weight(weight, 150), pack_weight(weight.t().contiguous(), 445)
+            module.forward = lambda x, packed=packed, bias=module.bias: product(x, *packed, bias)
+
+
+def adapter_layers(model) -> list:
+    """peft's LoRA layers over plain linear layers (q, k, v, o here)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and type(m.get_base_layer()) is torch.nn.Linear]
+
+
+@contextlib.contextmanager
+def merged_adapter(lm: LanguageModel):
+    """For a generation stage: each LoRA layer runs one product with W + s BA instead of the
+    base product plus the adapter's two small ones and their sum: a CPU generate stage ran 12%
+    faster, an inversion stage 10% (fp32, packed products, four alternated pairs).
+    The merged weights are new tensors (packed like the frozen ones where products are packed):
+    the base weights are never touched, since merging into them and back would not restore them
+    exactly. Only fp32 weights: the result differs from the unmerged layer's in rounding only,
+    where bf16 ones would lose much of the adapter's small update in the sum and 4-bit ones
+    cannot hold it. Layers whose adapter is disabled (the frozen judge) stay as they are."""
+    from torch.nn.functional import linear
+    layers = []
+    if lm.weights == "float32":
+        layers = [m for m in adapter_layers(lm.model) if not m.disable_adapters and not m.merged
+                  and any(a in m.lora_A for a in m.active_adapters)]
+    try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            weight = base.weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+            if lm.matmul == "packed":
+                packed = pack_weight(weight, 150)
+                layer.forward = lambda x, *args, packed=packed, bias=base.bias, **kwargs: packed_linear(x, packed, bias)
+            else:
+                layer.forward = lambda x, *args, weight=weight, bias=base.bias, **kwargs: linear(x, weight, bias)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and the instruction sets that decide its matrix-product kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
+    kernels = sorted(set(flags.group(1).split() if flags else ()) & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})
+    return " ".join([name.group(1).strip() if name else platform.machine(), *kernels])
+
+
+def time_products(dtype, k: int, n: int) -> dict:
+    """Seconds for 10 products [m x k] x [k x n] at m = 8 and 150 rows (the ends of a decode
+    batch) and 445 (a training batch), torch's own and packed, best of 5 interleaved windows."""
+    import torch
+    torch.manual_seed(0)
+    weight, xs = torch.randn(n, k, dtype=dtype), [torch.randn(m, k, dtype=dtype) for m in (8, 150, 445)]
+    packed = pack_weight(weight, 150)
+    products = {"plain": lambda x: torch.nn.functional.linear(x, weight), "packed": lambda x: packed_linear(x, packed)}
+    best = dict.fromkeys(products, math.inf)
+    with torch.inference_mode():
+        for _ in range(5):
+            for name, product in products.items():
+                start = time.perf_counter()
+                for x in xs:
+                    for _ in range(10):
+                        product(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def choose_cpu_matmul(lm: LanguageModel, cfg) -> str:
+    """--cpu-matmul, auto resolved on this machine: packed where it is at least 5% faster than
+    torch's own product at the model's largest frozen shape, and the memory it adds (about five
+    times the frozen weights) is at most a quarter of the machine's. Measured once per CPU, torch
+    version, dtype and shape, and kept in the cache folder, so every run on a machine makes the
+    same choice (the two differ in rounding)."""
+    if cfg.cpu_matmul == "plain" or not can_pack(lm):
+        if cfg.cpu_matmul == "packed" and lm.device == "cpu":
+            raise UsageError("--cpu-matmul packed: needs plain fp32 or bf16 weights and PyTorch's oneDNN "
+                             "(torch.backends.mkldnn); use --cpu-matmul plain")
+        return "plain"
+    if cfg.cpu_matmul == "packed":
+        return "packed"
+    import torch
+    layers = frozen_linears(lm.model)
+    # packing the embedded model's 0.54 GB of frozen weights raised a 2-cycle run's peak RSS by
+    # 2.45 GB (2.95 -> 5.40 GB): the two copies and what oneDNN keeps with them
+    extra = 5 * sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if extra > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4:
+        return "plain"
+    head = lm.model.get_base_model().get_output_embeddings()
+    largest = max((m for m in layers if m is not head), key=lambda m: m.weight.numel())
+    n, k = largest.weight.shape
+    key = f"{cpu_identity()} | torch {torch.__version__} | {lm.dtype} | {k}x{n}"
+    path = cache_root() / "cpu_matmul.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if not isinstance(known.get(key), dict) or known[key].get("choice") not in ("packed", "plain"):
+        seconds = time_products(largest.weight.dtype, k, n)
+        known[key] = {"choice": "packed" if seconds["packed"] <= 0.95 * seconds["plain"] else "plain",
+                      "seconds": {name: round(s, 5) for name, s in seconds.items()}}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, known)
+        except OSError:
+            pass  # an unwritable cache: measured again next time
+    return known[key]["choice"]
+
+
+def use_cpu_matmul(lm: LanguageModel, cfg, team: Team = Team()) -> None:
+    """Decide --cpu-matmul (the main process decides, every process takes its choice) and install it."""
+    choice = team.everyone(team.together(lambda: choose_cpu_matmul(lm, cfg) if team.main else None))[0]
+    set_packed_products(lm.model, choice == "packed")
+    lm.matmul = choice

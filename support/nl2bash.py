@@ -1,0 +1,431 @@
+"""NL2Bash as packaged by InterCode (300 items over five file systems), executed in the sandbox.
+
+Each command, gold or generated, runs in a fresh copy of its group's file system (see
+support/sandbox.py). The execution reward follows InterCode's environment code: file-system
+changes, the contents of changed files, and TF-IDF similarity of the output. NLC2CMD (utilities
+and flags, parsed with bashlex) and whitespace-normalised exact match are reported beside it.
+
+    from support.nl2bash import Evaluator, load_items, summarize
+    items = load_items(limit=60)
+    with Evaluator(items) as evaluator:
+        results = evaluator.score(commands)        # one command per item, in order
+    print(summarize(results, items))
+
+    # self-check: score the gold commands against themselves, print timings
+    python -m support.nl2bash --limit 60
+
+Needs the PyPI package icalfa==0.3.6 (installed with --no-deps; only its data files are read),
+bashlex, scikit-learn, scipy, and the sandbox's bubblewrap.
+
+The rest may call: load_items, Evaluator, summarize, aggregate, spearman, nlc2cmd_score,
+intercode_reward, exact_match, command_structure, GROUPS.
+"""
+import argparse
+import importlib.metadata
+import json
+import math
+import select
+import subprocess
+import threading
+import sys
+import time
+from pathlib import Path
+
+from support.sandbox import Execution, Sandbox, SandboxUnavailable
+
+GROUPS = (1, 2, 3, 4, 5)  # nl2bash_fs_{group}.json and setup_nl2b_fs_{group}.sh in icalfa
+ICALFA_ASSETS = "icalfa/assets"
+
+
+PARSE_TIMEOUT_S = 1.0  # bashlex loops forever on a few malformed inputs, e.g. '${!'1
+
+
+OUTPUT_KEPT_CHARS = 1000  # output kept per result, for reading; the reward sees all of it
+
+
+def icalfa_asset(relative: str) -> Path:
+    """Path of a data file shipped in icalfa, found through its metadata: importing icalfa
+    itself fails without its declared dependencies, which the evaluation does not need."""
+    try:
+        path = Path(importlib.metadata.distribution("icalfa").locate_file(f"{ICALFA_ASSETS}/{relative}"))
+    except importlib.metadata.PackageNotFoundError:
+        raise SandboxUnavailable("icalfa is not installed: pip install --no-deps icalfa==0.3.6") from None
+    if not path.is_file():
+        raise SandboxUnavailable(f"icalfa lacks {ICALFA_ASSETS}/{relative}: install icalfa==0.3.6")
+    return path
+
+
+def load_items(limit: int | None = None, groups: tuple[int, ...] = GROUPS) -> list[dict]:
+    """The benchmark items of the given file-system groups in a fixed order (group by group, file
+    order within a group), each {"id", "group", "query", "gold", "gold2", "difficulty"}.
+    `limit` takes an evenly spread subset (positions floor(i * n / limit)), the same every call,
+    so quick runs compare across cycles and cover every group in proportion."""
+    if not groups or any(g not in GROUPS for g in groups):
+        raise ValueError(f"file systems are numbered {GROUPS[0]} to {GROUPS[-1]}, got {list(groups)}")
+    items = []
+    for group in sorted(set(groups)):
+        records = json.loads(icalfa_asset(f"datasets/nl2bash_fs_{group}.json").read_text())
+        for index, record in enumerate(records):
+            items.append({"id": f"fs{group}-{index:03d}", "group": group, "query": record["query"],
+                          "gold": record["gold"], "gold2": record["gold2"], "difficulty": record["difficulty"]})
+    if limit is None or limit == len(items):
+        return items
+    if not 1 <= limit <= len(items):
+        raise ValueError(f"the limit must be between 1 and the {len(items)} items there are, got {limit}")
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def normalize_command(command: str) -> str:
+    """Whitespace runs collapsed to one space, ends stripped (inside quotes too: a model that
+    changes the spacing of a quoted string rarely means something else)."""
+    return " ".join(command.split())
+
+
+def exact_match(command: str, references: list[str]) -> bool:
+    """The command equals one of the references after whitespace normalisation."""
+    return normalize_command(command) in {normalize_command(r) for r in references}
+
+
+def parse_worker() -> None:
+    """Answer command_structure requests, one JSON line each way, until stdin closes."""
+    import bashlex  # noqa: F401  (imported before "ready", so the first parse is not slower)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        structure = structure_in_process(json.loads(line))
+        print(json.dumps(structure and [[utility, sorted(flags)] for utility, flags in structure]), flush=True)
+
+
+class BoundedParser:
+    """bashlex in a worker process. bashlex loops forever on a few malformed inputs ('${!'1),
+    and only a process can be stopped from outside whatever the loop is doing: an in-process
+    tracer or signal handler can be removed, delayed or swallowed. The worker lives across
+    calls (starting one costs ~0.2 s); a parse past PARSE_TIMEOUT_S kills it, and the next call
+    starts a new one. It runs in a session of its own, so Ctrl-C reaches only the parent, and
+    it exits when the parent closes the pipe or dies. Thread-safe."""
+
+    def __init__(self, timeout_s: float = PARSE_TIMEOUT_S, start_timeout_s: float = 60.0):
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.lock = threading.Lock()
+        self.process = None
+
+    def start(self) -> None:
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); " \
+               "from support import nl2bash; nl2bash.parse_worker()"
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        start_new_session=True, text=True)
+        # start-up is bounded on its own: a busy machine may take seconds to start Python
+        if self.answer(self.start_timeout_s) != "ready":
+            self.stop()
+            raise RuntimeError(f"the bashlex worker did not start in {self.start_timeout_s:.0f} s")
+
+    def answer(self, timeout_s: float) -> str | None:
+        """The worker's next line, or None when it has none within timeout_s."""
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout_s)
+        return self.process.stdout.readline().rstrip("\n") if readable else None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process.stdin.close()
+            self.process.stdout.close()
+        self.process = None
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def structure(self, command: str) -> list[tuple[str, frozenset]] | None:
+        """command_structure of the command, or None when bashlex fails or runs past the deadline."""
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self.stop()
+                self.start()
+            try:
+                self.send(command)
+            except BrokenPipeError:  # the worker died since the check: once more, with a new one
+                self.stop()
+                self.start()
+                self.send(command)
+            reply = self.answer(self.timeout_s)
+            if not reply:  # past the deadline (or the worker died): a fresh worker next time
+                self.stop()
+                return None
+            structure = json.loads(reply)
+            return structure and [(utility, frozenset(flags)) for utility, flags in structure]
+
+
+PARSER = BoundedParser()
+
+
+# Utilities whose options are whole words after one dash (find -name), not bundles of letters.
+WORD_OPTION_UTILITIES = frozenset({"find"})
+
+
+# Each of these find actions runs the command that follows it, up to ';' or '+'.
+FIND_EXEC_ACTIONS = frozenset({"-exec", "-execdir", "-ok", "-okdir"})
+
+
+# xargs options that take the next word as their argument.
+XARGS_OPTIONS_WITH_ARGUMENT = frozenset({"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s"})
+
+
+def option_flags(utility: str, word: str) -> list[str]:
+    """Flags named by one word: '-la' -> ['-l', '-a'], '-k2' -> ['-k'], '--color=auto' ->
+    ['--color'], find's '-name' -> ['-name']; [] for an operand (find's '-30' included)."""
+    if word.startswith("--") and len(word) > 2:
+        return [word.split("=", 1)[0]]
+    if not word.startswith("-") or len(word) < 2:
+        return []
+    if utility in WORD_OPTION_UTILITIES:
+        return [word] if word[1].isalpha() and word[1:].replace("_", "").isalnum() else []
+    letters = ""
+    for char in word[1:]:
+        if not char.isalpha():
+            break
+        letters += char
+    return [f"-{c}" for c in letters] if letters else [word]
+
+
+def split_invocations(words: list[str]) -> list[tuple[str, frozenset]]:
+    """(utility, flags) for a simple command's words, with the commands that find -exec and
+    xargs run counted as utilities of their own, in order."""
+    utility, rest = words[0].rsplit("/", 1)[-1], words[1:]
+    flags, invocations = set(), []
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if utility == "find" and word in FIND_EXEC_ACTIONS:
+            flags.add(word)
+            end = i + 1
+            while end < len(rest) and rest[end] not in (";", "+"):
+                end += 1
+            if end > i + 1:
+                invocations.extend(split_invocations(rest[i + 1:end]))
+            i = end + 1
+            continue
+        if utility == "xargs" and not word.startswith("-"):
+            invocations.extend(split_invocations(rest[i:]))
+            break
+        flags.update(option_flags(utility, word))
+        skip_argument = utility == "xargs" and word in XARGS_OPTIONS_WITH_ARGUMENT
+        i += 2 if skip_argument else 1
+    return [(utility, frozenset(flags))] + invocations
+
+
+def command_structure(command: str) -> list[tuple[str, frozenset]] | None:
+    """Utilities in order of appearance (command substitutions and pipelines included), each
+    with its flag set; None when bashlex cannot parse the command within PARSE_TIMEOUT_S."""
+    return PARSER.structure(command) if command.strip() else None
+
+
+def structure_in_process(command: str) -> list[tuple[str, frozenset]] | None:
+    """command_structure without a deadline: only for the bounded worker process."""
+    import bashlex  # imported here so that importing this module costs nothing
+
+    try:
+        trees = bashlex.parse(command)
+    except Exception:  # bashlex fails on malformed input with assorted internal errors
+        return None      # (ParsingError, NotImplementedError, AttributeError, TypeError seen)
+    simple_commands = []
+
+    def visit(node):
+        if node.kind == "command":
+            words = [part.word for part in node.parts if part.kind == "word"]
+            if words:
+                simple_commands.append((node.pos[0], words))
+        for name in ("parts", "list"):
+            for child in getattr(node, name, None) or []:
+                visit(child)
+        for name in ("command", "output"):
+            child = getattr(node, name, None)
+            if isinstance(child, bashlex.ast.node):  # a redirect's output may be an fd number
+                visit(child)
+
+    for tree in trees:
+        visit(tree)
+    return [inv for _, words in sorted(simple_commands, key=lambda c: c[0]) for inv in split_invocations(words)]
+
+
+def structure_similarity(prediction: list, reference: list) -> float:
+    """NLC2CMD S(p) for one reference: utilities compared position by position, flags by
+    (2|Fc & Fp| - |Fc | Fp|) / max(1, |Fc|, |Fp|), mismatched or missing utilities cost 1."""
+    length = max(len(prediction), len(reference))
+    if length == 0:
+        return 1.0
+    total = 0.0
+    for i in range(length):
+        utility_p, flags_p = prediction[i] if i < len(prediction) else (None, frozenset())
+        utility_c, flags_c = reference[i] if i < len(reference) else (None, frozenset())
+        if utility_p is None or utility_p != utility_c:
+            total -= 1.0
+            continue
+        if flags_p or flags_c:
+            flag_score = (2 * len(flags_c & flags_p) - len(flags_c | flags_p)) / max(1, len(flags_c), len(flags_p))
+        else:
+            flag_score = 1.0
+        total += (1.0 + flag_score) / 2
+    return total / length
+
+
+def nlc2cmd_score(prediction: str, references: list[str]) -> float:
+    """NLC2CMD (NeurIPS 2020) score in [-1, 1], the max over the references. A prediction that
+    bashlex cannot parse scores -1 (the metric has no utilities to compare); a reference that
+    bashlex cannot parse (e.g. `time ...`) counts only by exact, whitespace-normalised equality.
+    Flags follow an approximation of the competition's parser: bundled short flags split,
+    option values dropped, find's predicates kept whole, find -exec and xargs commands counted."""
+    if exact_match(prediction, references):
+        return 1.0
+    predicted = command_structure(prediction)
+    if predicted is None:
+        return -1.0
+    scores = [structure_similarity(predicted, ref) for ref in map(command_structure, references) if ref is not None]
+    return max(scores, default=-1.0)
+
+
+def output_similarity(output: str, reference: str) -> float:
+    """Cosine of the TF-IDF vectors of two outputs (scikit-learn defaults, as InterCode); exact
+    equality (1 or 0) when neither has a token of two or more word characters."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    try:
+        tfidf = TfidfVectorizer().fit_transform([output, reference])
+    except ValueError:  # empty vocabulary
+        return 1.0 if output == reference else 0.0
+    return float((tfidf @ tfidf.T)[0, 1])
+
+
+def reward_parts(gold_run: Execution, cand_run: Execution) -> dict:
+    """InterCode's three parts: p1 file-system changes, p2 contents of the changed paths both
+    runs added or modified, p3 output similarity."""
+    mismatched = len(gold_run.changes ^ cand_run.changes)
+    p1 = round(0.33 * (1 - math.erf(mismatched)), 2)
+    common = [path for path, kind in gold_run.changes & cand_run.changes if kind != "deleted"]
+    if common:
+        same = sum(gold_run.signatures[path] == cand_run.signatures[path] for path in common)
+        p2 = 0.33 * same / len(common)
+    else:
+        p2 = 0.33
+    p3 = round(0.33 * output_similarity(cand_run.output, gold_run.output), 2)
+    return {"p1": p1, "p2": p2, "p3": p3}
+
+
+def total_reward(parts: dict) -> float:
+    """0.01 + p1 + p2 + p3, in [0.01, 1]; 1 means the candidate did what the gold did."""
+    return round(0.01 + parts["p1"] + parts["p2"] + parts["p3"], 6)
+
+
+def intercode_reward(gold_run: Execution, cand_run: Execution) -> float:
+    """InterCode's execution reward of a candidate run against the gold run."""
+    return total_reward(reward_parts(gold_run, cand_run))
+
+
+def is_success(reward: float) -> bool:
+    """Reward 1 up to float rounding (0.01 + 0.33 * 3 is not exactly 1 in floats)."""
+    return math.isclose(reward, 1.0, abs_tol=1e-6)
+
+
+def spearman(xs, ys) -> float | None:
+    """Spearman rank correlation; None when undefined (fewer than 2 points, constant input)."""
+    from scipy.stats import spearmanr
+
+    xs, ys = list(xs), list(ys)
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman needs equal lengths, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return None
+    value = float(spearmanr(xs, ys).statistic)
+    return None if math.isnan(value) else value
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Counts and means of one set of per-item results."""
+    n = len(results)
+
+    def mean(key):
+        return sum(float(r[key]) for r in results) / n if n else None
+    return {"n": n, "success_rate": mean("success"), "mean_reward": mean("reward"),
+            "nlc2cmd": mean("nlc2cmd"), "exact_match": mean("exact")}
+
+
+def summarize(results: list[dict], items: list[dict]) -> dict:
+    """{"n", "success_rate", "mean_reward", "nlc2cmd", "exact_match", "per_difficulty":
+    {difficulty: same keys}}; results and items in the same order."""
+    if len(results) != len(items):
+        raise ValueError(f"{len(results)} results for {len(items)} items")
+    by_difficulty = {}
+    for result, item in zip(results, items):
+        by_difficulty.setdefault(item["difficulty"], []).append(result)
+    return {**aggregate(results),
+            "per_difficulty": {d: aggregate(rows) for d, rows in sorted(by_difficulty.items())}}
+
+
+class Evaluator(Sandbox):
+    """The benchmark's file systems (InterCode's setup scripts, one per group), each gold command
+    run once; then scores any number of candidate lists against the gold runs. Arguments as
+    Sandbox's after `items`. After construction: build_seconds, gold_seconds, gold_runs (one
+    Execution per item)."""
+
+    def __init__(self, items: list[dict], **sandbox):
+        self.items = list(items)
+        scripts = {g: icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh") for g in sorted({item["group"] for item in items})}
+        # group 5's `#!/bin/sh` is BusyBox in InterCode, whose echo interprets -e like bash's,
+        # not dash's: every script runs with bash
+        super().__init__({g: (path.read_text(), path.name) for g, path in scripts.items()}, **sandbox)
+        try:
+            started = time.monotonic()
+            self.gold_runs = self.run_items([item["gold"] for item in self.items])
+            self.gold_seconds = time.monotonic() - started
+        except BaseException:
+            self.close()
+            raise
+
+    def run_items(self, commands: list[str]) -> list[Execution]:
+        """One command per item, in item order."""
+        return self.run_all([item["group"] for item in self.items], commands)
+
+    def score(self, commands: list[str]) -> list[dict]:
+        """One generated command per item (same order as items). Per item: id, command, reward,
+        success (reward 1), nlc2cmd, exact, timed_out, truncated, exit_code, p1, p2, p3, seconds,
+        and the first OUTPUT_KEPT_CHARS of the output."""
+        if len(commands) != len(self.items):
+            raise ValueError(f"{len(commands)} commands for {len(self.items)} items")
+        results = []
+        for item, command, gold_run, run in zip(self.items, commands, self.gold_runs, self.run_items(commands)):
+            parts = reward_parts(gold_run, run)
+            reward = total_reward(parts)
+            references = [item["gold"], item["gold2"]]
+            results.append({"id": item["id"], "command": command, "reward": reward, "success": is_success(reward),
+                            "nlc2cmd": nlc2cmd_score(command, references), "exact": exact_match(command, references),
+                            "timed_out": run.timed_out, "truncated": run.truncated, "exit_code": run.exit_code,
+                            **parts, "seconds": run.seconds, "output": run.output[:OUTPUT_KEPT_CHARS]})
+        return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score the gold commands against themselves: a check of the sandbox and of which items
+    are not reproducible (clock, processes, host state), with timings."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--limit", type=int, default=None, help="evenly spread subset of the 300 items")
+    parser.add_argument("--workers", type=int, default=2, help="commands run in parallel")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per command")
+    args = parser.parse_args(argv)
+    try:
+        items = load_items(args.limit)
+    except ValueError as error:
+        parser.error(f"--limit: {error}")
+    try:
+        evaluator = Evaluator(items, workers=args.workers, timeout_s=args.timeout)
+    except SandboxUnavailable as error:
+        print(f"sandbox unavailable: {error}", file=sys.stderr)
+        return 2
+    with evaluator:
+        print(f"built {len(evaluator.trees)} file systems in {evaluator.build_seconds:.2f} s; "
+              f"ran {len(items)} gold commands in {evaluator.gold_seconds:.2f} s")
+        started = time.monotonic()
+        results = evaluator.score([item["gold"] for item in items])
+        print(f"scored {len(items)} gold commands in {time.monotonic() - started:.2f} s (workers {args.workers})")
+    print(json.dumps(summarize(results, items), indent=1))
+    unstable = [f"{r['id']} ({r['reward']:.2f}): {r['command']}" for r in results if not r["success"]]
+    print(f"gold is not a success against itself on {len(unstable)} items", *unstable, sep="\n  ")
+    return 0

@@ -1,0 +1,293 @@
+"""Reports: the stage lines a run prints, progress.png, self_improvement_results.json, and
+`compare` (runs side by side: a table and one plot).
+
+The rest may call: log_stage, duration, plot_progress, write_results, compare_runs,
+log_training, score_correlations, pooled_correlations, curve, eval_figures, figures_over, experiment_kind.
+"""
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from support import UsageError
+from support import nl2bash
+from support.run_directory import read_jsonl, write_bytes, write_json
+
+
+def duration(seconds: float) -> str:
+    """4s, 3m07s, 1h05m."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def tokens_per_s(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 1) if seconds > 0 else 0.0
+
+
+def log_stage(label: str, stage, summary: dict) -> None:
+    t = stage.timing
+    print(f"  {label:<7} {summary['accepted']:>3}/{summary['total_generated']} accepted, mean score "
+          f"{summary['mean_score']:.3f}, unusable {summary['unusable_commands']} | generate {t['generate_s']:.1f}s "
+          f"({tokens_per_s(t['generate_tokens'], t['generate_s'])} tok/s), invert {t['invert_s']:.1f}s "
+          f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s"
+          + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f} "
+             f"({t['execute_s']:.1f}s)" if "execute_s" in t else ""), flush=True)
+
+
+def log_training(training: dict) -> None:
+    if training["skipped"]:
+        print("  train   nothing selected: training skipped", flush=True)
+    else:
+        print(f"  train   {training['pairs']} pairs ({training['selected']} selected), {training['steps']} steps, "
+              f"command-token loss {training['loss_first']:.3f} -> {training['loss_last']:.3f} | "
+              f"{training['train_s']:.1f}s ({training['train_tokens_per_s']} tok/s)", flush=True)
+
+
+def rounded(value: float | None, places: int = 4) -> float | None:
+    return None if value is None else round(value, places)
+
+
+def score_correlations(records: list[dict]) -> dict:
+    """Spearman between the intrinsic score of evaluated commands and their execution success
+    and reward."""
+    scores = [r["score"] for r in records]
+    return {"spearman_score_success": rounded(nl2bash.spearman(scores, [float(r["success"]) for r in records])),
+            "spearman_score_reward": rounded(nl2bash.spearman(scores, [r["reward"] for r in records]))}
+
+
+def pooled_correlations(records: list[dict]) -> dict:
+    """score_correlations over every evaluated command of a run."""
+    if not records:
+        return {}
+    return {"eval_commands": len(records)} | {f"eval_{k}": v for k, v in score_correlations(records).items()}
+
+
+def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
+    """self_improvement_results.json: the run's headline figures, from its history and evaluations."""
+    last = history["cycles"][-1]
+    evaluated = [r for path in sorted(run_dir.glob("eval_cycle_*.jsonl")) for r in read_jsonl(path)]
+    results = {"finished": datetime.now(timezone.utc).isoformat(), "cycles": last["cycle"],
+               "probe_initial": history["probe_initial"].get("mean_score"),
+               "probe_final": last["probe"].get("mean_score"),
+               "frozen_probe_initial": history["probe_initial"].get("frozen_mean_score"),
+               "frozen_probe_final": last["probe"].get("frozen_mean_score"),
+               "before_first": history["cycles"][0]["before"]["mean_score"],
+               "after_last": last["after"]["mean_score"],
+               "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
+               "eval_success_final": (last.get("eval") or {}).get("success_rate"),
+               **pooled_correlations(evaluated),
+               "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
+               "wall_s_this_invocation": None if wall_s is None else round(wall_s, 1),
+               "config": history["config"]}
+    write_json(run_dir / "self_improvement_results.json", results)
+    return results
+
+
+def curve(history: dict, *keys, initial: str | None = None) -> tuple[list[int], list[float]]:
+    """(cycles, values) of history.cycles[].key1.key2..., with cycle 0 from history[initial]."""
+    points = []
+    if initial and history.get(initial):
+        points.append((0, history[initial]))
+    points += [(c["cycle"], c) for c in history["cycles"]]
+    xs, ys = [], []
+    for cycle, value in points:
+        for key in keys[1:] if initial and cycle == 0 else keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            xs.append(cycle)
+            ys.append(value)
+    return xs, ys
+
+
+def plot_progress(history: dict, path: Path) -> None:
+    """progress.png: everything a user should look at, against the cycle."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
+    panels = [
+        (axes[0][0], "intrinsic score (mean)", [
+            ("before (training batch)", ("before", "mean_score"), None),
+            ("after (fresh batch)", ("after", "mean_score"), None),
+            ("probe, greedy", ("probe", "mean_score"), "probe_initial"),
+            ("probe, frozen judge", ("probe", "frozen_mean_score"), "probe_initial")]),
+        (axes[0][1], "acceptance rate", [
+            ("before", ("before", "acceptance_rate"), None), ("after", ("after", "acceptance_rate"), None),
+            ("probe", ("probe", "acceptance_rate"), "probe_initial")]),
+        (axes[0][2], "external evaluation", [
+            ("success rate", ("eval", "success_rate"), "eval_initial"),
+            ("mean reward", ("eval", "mean_reward"), "eval_initial"),
+            ("NLC2CMD score", ("eval", "nlc2cmd"), "eval_initial"),
+            ("exact match", ("eval", "exact_match"), "eval_initial")]),
+        (axes[1][0], "command-token training loss", [
+            ("first step", ("training", "loss_first"), None), ("last step", ("training", "loss_last"), None),
+            ("mean", ("training", "loss_mean"), None)]),
+        (axes[1][1], "health of the after batch", [
+            ("distinct-1", ("after", "health", "distinct_1"), None),
+            ("distinct-2", ("after", "health", "distinct_2"), None),
+            ("duplicate rate", ("after", "health", "duplicate_rate"), None),
+            ("copy rate", ("after", "health", "copy_rate"), None)]),
+        (axes[1][2], "command length and unusable outputs (after batch)", [
+            ("mean command tokens", ("after", "health", "mean_command_tokens"), None)]),
+    ]
+    for ax, title, lines in panels:
+        drawn = False
+        for label, keys, initial in lines:
+            xs, ys = curve(history, *keys, initial=initial)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=label)
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("cycle")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+    xs = [c["cycle"] for c in history["cycles"]]
+    unusable = [c["after"]["unusable_commands"] / max(1, c["after"]["total_generated"]) for c in history["cycles"]]
+    twin = axes[1][2].twinx()
+    twin.plot(xs, unusable, color="tab:red", marker="s", label="unusable share")
+    twin.set_ylim(0, 1)
+    twin.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{history['config']['model']} | {history['config']['scorer']} scorer | select "
+                 f"{history['config'].get('select', 'threshold')} | seed {history['config']['seed']}")
+    image = io.BytesIO()
+    fig.savefig(image, dpi=80, format="png")
+    plt.close(fig)
+    write_bytes(path, image.getvalue())
+
+
+def load_run(run_dir: str) -> dict:
+    """A run's progress.json for compare; a missing or damaged one is a one-line error."""
+    path = Path(run_dir) / "progress.json"
+    if not path.is_file():
+        raise UsageError(f"compare: {run_dir} holds no progress.json")
+    try:
+        progress = json.loads(path.read_text())
+        history = progress["history"]
+        if not isinstance(history["cycles"], list) or not isinstance(history["config"], dict):
+            raise ValueError("history.cycles or history.config has the wrong type")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSON and Unicode errors are ValueErrors
+        raise UsageError(f"compare: {path} is damaged ({type(err).__name__}: {err})") from None
+    return progress
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def eval_figures(run_dir: str, history: dict, cycle: int, groups: tuple[int, ...] | None) -> dict:
+    """NL2Bash figures of a run's evaluation after `cycle` (0: before training), {} if none; with
+    `groups`, recomputed from eval_cycle_N.jsonl over the items of those file systems only."""
+    saved = history.get("eval_initial") if cycle == 0 else history["cycles"][cycle - 1].get("eval")
+    if not saved or groups is None:
+        return saved or {}
+    path = Path(run_dir) / f"eval_cycle_{cycle}.jsonl"
+    return figures_over(read_jsonl(path), groups) if path.is_file() else {}
+
+
+def figures_over(records: list[dict], groups: tuple[int, ...]) -> dict:
+    """Success, reward, NLC2CMD and exact match of evaluated records (eval_cycle_N.jsonl rows, or
+    support.nl2bash results) over the items of some file systems; {} when none is there."""
+    chosen = [r for r in records if int(r["id"].split("-")[0].removeprefix("fs")) in groups]
+    return nl2bash.aggregate(chosen) if chosen else {}
+
+
+def experiment_kind(config: dict) -> dict:
+    """The settings that tell apart the kinds of runs compare groups (older runs lack the newer
+    ones: they ran with what are now the defaults)."""
+    return {"signal": config.get("signal", "inversion"), "train-from": config.get("train_from", "previous"),
+            **{key: config.get(key) for key in ("select", "data", "judge", "scorer")}}
+
+
+def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None) -> str:
+    """A table of runs side by side, and groups of runs that differ only by seed, averaged. With
+    `groups`, the NL2Bash figures are over the items of those file systems only."""
+    runs = {d: load_run(d)["history"] for d in run_dirs}
+    columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "exec pass N", "copy N",
+               "eval success 0->N", "eval reward 0->N", "NLC2CMD 0->N"]
+    rows, finals = [], {}
+    for d, h in runs.items():
+        last = h["cycles"][-1] if h["cycles"] else {}
+        probe0, probe = h.get("probe_initial", {}).get("mean_score"), last.get("probe", {})
+        eval0, evaln = eval_figures(d, h, 0, groups), eval_figures(d, h, len(h["cycles"]), groups) if last else {}
+        finals[d] = evaln
+        after = last.get("after", {})
+        rows.append([Path(d).name, str(len(h["cycles"])), f"{fmt(probe0)} -> {fmt(probe.get('mean_score'))}",
+                     fmt(probe.get("frozen_mean_score")), fmt(after.get("mean_score")), fmt(after.get("acceptance_rate")),
+                     fmt(after.get("execution_pass_rate", "-")), fmt(after.get("health", {}).get("copy_rate"))]
+                    + [f"{fmt(eval0.get(k, '-'))} -> {fmt(evaln.get(k))}" if eval0 or evaln else "-"
+                       for k in ("success_rate", "mean_reward", "nlc2cmd")])
+    groups_of_runs = {}
+    for d, h in runs.items():
+        key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
+        groups_of_runs.setdefault(key, []).append(d)
+    lines = [" | ".join(columns), " | ".join("---" for _ in columns)] + [" | ".join(r) for r in rows]
+    if groups is not None:
+        lines.append(f"(NL2Bash figures over the items of file systems {', '.join(map(str, groups))})")
+    seeded = {key: dirs for key, dirs in groups_of_runs.items() if len(dirs) > 1}
+    if seeded:
+        lines += ["", "runs that differ only by seed (mean ± std over seeds, final cycle):"]
+        for key, dirs in seeded.items():
+            done = [d for d in dirs if runs[d]["cycles"]]
+            last = [runs[d]["cycles"][-1] for d in done]
+            parts = [f"probe {spread([c['probe']['mean_score'] for c in last])}",
+                     f"frozen probe {spread([c['probe']['frozen_mean_score'] for c in last])}"]
+            if all("execution_pass_rate" in c["after"] for c in last):
+                parts.append(f"exec pass {spread([c['after']['execution_pass_rate'] for c in last])}")
+            if all(finals[d] for d in done):
+                parts += [f"eval {name} {spread([finals[d][k] for d in done])}" for name, k in
+                          (("success", "success_rate"), ("reward", "mean_reward"), ("NLC2CMD", "nlc2cmd"))]
+            kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
+            lines.append(f"  {kind} ({len(dirs)} seeds): " + ", ".join(parts))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    def evaluated(d: str, h: dict) -> dict:
+        cycles = [0] * bool(h.get("eval_initial")) + [c["cycle"] for c in h["cycles"] if c.get("eval")]
+        return {x: eval_figures(d, h, x, groups).get("success_rate") for x in cycles}
+    metrics = [("probe score", lambda d, h: dict(zip(*curve(h, "probe", "mean_score", initial="probe_initial")))),
+               ("probe score, frozen judge",
+                lambda d, h: dict(zip(*curve(h, "probe", "frozen_mean_score", initial="probe_initial"))))]
+    if any(c.get("eval") for h in runs.values() for c in h["cycles"]):
+        where = "" if groups is None else f" (file systems {','.join(map(str, groups))})"
+        metrics.append(("NL2Bash success rate" + where, evaluated))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), constrained_layout=True, squeeze=False)
+    for ax, (title, series_of) in zip(axes[0], metrics):
+        for key, dirs in groups_of_runs.items():
+            label = "/".join(map(str, experiment_kind(json.loads(key)).values()))
+            series = [{x: y for x, y in series_of(d, runs[d]).items() if y is not None} for d in dirs]
+            xs = sorted(set.intersection(*(set(s) for s in series)))
+            if not xs:
+                continue
+            mean = [sum(s[x] for s in series) / len(series) for x in xs]
+            line, = ax.plot(xs, mean, marker="o", label=f"{label} (n={len(dirs)})")
+            if len(series) > 1:
+                ax.fill_between(xs, [min(s[x] for s in series) for x in xs], [max(s[x] for s in series) for x in xs],
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(title + (" (band: min-max over seeds)" if seeded else ""))
+        ax.set_xlabel("cycle")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot_path, dpi=80)
+    plt.close(fig)
+    return "\n".join(lines + ["", f"plot: {plot_path}"])
