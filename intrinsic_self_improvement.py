@@ -6,7 +6,7 @@ each command back into a task (INVERT), scores how close the reconstruction is t
 (SCORE), and trains a LoRA adapter on the candidates that clear a threshold (SELECT, TRAIN).
 A fixed probe set, scored with greedy decoding after every cycle, gives a like-for-like curve.
 
-    # embedded SmolLM2-135M-Instruct, offline, on the CPU (9 to 21 minutes on 2 cores, by CPU kind)
+    # embedded SmolLM2-135M-Instruct, offline, on the CPU (2 cores: 9 to 21 min by CPU kind, README.md)
     python intrinsic_self_improvement.py --cycles 10
 
     # the published experiment: Mistral-7B-Instruct-v0.2, 4-bit QLoRA on one GPU
@@ -19,7 +19,8 @@ A fixed probe set, scored with greedy decoding after every cycle, gives a like-f
     python intrinsic_self_improvement.py compare output/extended_run/*
 
     # one run across 4 GPUs (or: accelerate launch --multi_gpu --num_processes 4 intrinsic_...)
-    torchrun --nproc_per_node 4 -- intrinsic_self_improvement.py --model mistralai/Mistral-7B-Instruct-v0.2
+    torchrun --nproc_per_node 4 -- intrinsic_self_improvement.py \
+        --model mistralai/Mistral-7B-Instruct-v0.2
 
 This file is the algorithm, in the order it runs; the machinery (model loading, the decoder, the
 CPU's products, processes, the run directory, reports, the sandbox) is in support/. The intrinsic
