@@ -1212,29 +1212,29 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
 
 
 def run(cfg: Config, team: Team = Team()) -> dict:
-    """A run from its checks to its last cycle: the run directory checked and held (nothing is
-    loaded before both), the domain's sandbox opened, then the cycles."""
+    """A run from its checks to its last cycle: the run directory checked, the domain's sandbox
+    opened, the run directory held (a second start of the same run stops here), then the cycles.
+    Bad input of any kind stops it before anything is written or loaded."""
     run_dir = run_directory(cfg)
     saved = check_run_directory(run_dir, cfg, experiment_settings(cfg), CONFIG_DEFAULTS)
     domain = load_domain(cfg.tasks_file, cfg.domain)
     team.wait()  # every process has read the run directory before the main process tidies it
-    lock = team.together(lambda: hold_run_directory(run_dir) if team.main else None)
-    try:
-        if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
-            print(
-                f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
-                f"(raise --cycles to continue)")
-            if team.main and not (
-                    run_dir / "self_improvement_results.json").exists():  # stopped while writing it
+    if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
+        print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "
+              f"(raise --cycles to continue)")
+        if team.main and not (run_dir / "self_improvement_results.json").exists():  # stopped while writing it
+            with contextlib.closing(hold_run_directory(run_dir)):
                 prepare_run_directory(run_dir, saved["last_completed_cycle"])
                 write_results(run_dir, saved["history"], wall_s=None)
-            return saved
-        sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
-        with sandbox if sandbox is not None else contextlib.nullcontext():
+        return saved
+    sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
+    with sandbox if sandbox is not None else contextlib.nullcontext():
+        lock = team.together(lambda: hold_run_directory(run_dir) if team.main else None)
+        try:
             return run_cycles(cfg, run_dir, saved, domain, sandbox, team)
-    finally:
-        if lock is not None:
-            lock.close()
+        finally:
+            if lock is not None:
+                lock.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""BASH_DOMAIN never reproduces the NL2Bash benchmark: every task it can generate differs from
+"""The built-in bash domain (support/domains/bash.json) never reproduces the NL2Bash benchmark: every task it can generate differs from
 every benchmark query, and no template contains one. Its paths exist in the evaluation trees."""
 import itertools
 import random
@@ -7,8 +7,11 @@ import pytest
 
 from conftest import sandbox_unavailable
 
+from intrinsic_self_improvement import draw_tasks
 from support import nl2bash as ne
-from intrinsic_self_improvement import BASH_DOMAIN, SLOT_PATTERN, check_domain, draw_tasks
+from support.tasks import SLOT_PATTERN, builtin_domain, check_domain
+
+BASH_DOMAIN = builtin_domain("bash")
 
 
 def normalized(text: str) -> str:

@@ -104,7 +104,7 @@ def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
     tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(0), distinct=True)
     prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
     ours, generated, _ = support.decoder.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
-                                       stop_at_line=False, generator=None)
+                                                      line_done=None, generator=None)
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.inference_mode():
         theirs = lm.model.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -96,8 +96,8 @@ def test_ctrl_c_or_sigterm_stops_in_one_line_that_says_how_to_continue(hook, at,
 def test_a_run_directory_in_use_is_refused_in_one_line_before_anything_loads(one_cycle_run, capsys, monkeypatch):
     """The same run started twice at once: the second start says so and leaves the first alone."""
     run_dir, resume = one_cycle_run
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     holder = support.run_directory.hold_run_directory(run_dir)  # another process's open file, as far as flock goes
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     try:
         assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
         refuse_model_loading(monkeypatch)
