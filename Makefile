@@ -1,6 +1,6 @@
 # make run   create .venv if missing, install, run the default 10-cycle job (embedded model, CPU, offline)
 # make test  create .venv if missing, install, run the test suite
-# make test-quick  the suite without the tests marked slow (about two minutes)
+# make test-quick  the suite without the tests marked slow (about three minutes on a 2-core CPU)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

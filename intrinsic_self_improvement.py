@@ -6,7 +6,7 @@ each command back into a task (INVERT), scores how close the reconstruction is t
 (SCORE), and trains a LoRA adapter on the candidates that clear a threshold (SELECT, TRAIN).
 A fixed probe set, scored with greedy decoding after every cycle, gives a like-for-like curve.
 
-    # embedded SmolLM2-135M-Instruct, offline, on the CPU (2 cores: 9 to 21 min by CPU kind, README.md)
+    # embedded SmolLM2-135M-Instruct, offline, on the CPU (2 cores: 9 to 52 min by CPU kind, README.md)
     python intrinsic_self_improvement.py --cycles 10
 
     # the published experiment: Mistral-7B-Instruct-v0.2, 4-bit QLoRA on one GPU

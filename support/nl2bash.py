@@ -429,3 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     unstable = [f"{r['id']} ({r['reward']:.2f}): {r['command']}" for r in results if not r["success"]]
     print(f"gold is not a success against itself on {len(unstable)} items", *unstable, sep="\n  ")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

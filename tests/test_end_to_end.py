@@ -55,6 +55,7 @@ def test_checkpoint_is_a_peft_adapter(tiny_model_dir, tmp_path):
     assert trained and any(p.abs().sum() > 0 for p in trained)  # lora_B starts at zero: it was trained
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_figures_as_a_straight_run(tiny_model_dir, tmp_path):
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "4", "--name", "straight")) == 0
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "split")) == 0
@@ -183,6 +184,7 @@ def test_compare_on_a_damaged_run_is_a_one_line_error(damage, tmp_path, capsys):
     assert f"compare: {run_dir / 'progress.json'} is damaged (" in one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
     args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "eval", "--domain", "bash",
                      "--eval", "nl2bash", "--eval-limit", "6", "--eval-every", "2")
@@ -230,6 +232,7 @@ def test_evaluation_without_a_sandbox_says_so_and_the_run_goes_on(tiny_model_dir
 # 4-bit QLoRA on the CPU (bitsandbytes' CPU backend: the code path a GPU runs)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_four_bit_run_resumes_like_a_straight_run(tiny_model_dir, tmp_path):
     four_bit = ("--quantize", "4bit")
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "straight", *four_bit)) == 0

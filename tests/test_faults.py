@@ -55,7 +55,9 @@ def continue_as_a_user_would(argv: list[str], run_dir: Path) -> list[str]:
     return argv + ["--resume"] if (run_dir / "progress.json").exists() else argv
 
 
-@pytest.mark.parametrize("kills", KILLS, ids=lambda kills: "+".join(f"{hook}{at}" for hook, at in kills))
+# make test-quick kills at one point; make test at every one
+@pytest.mark.parametrize("kills", [kills if kills == [("replace", 10)] else pytest.param(kills, marks=pytest.mark.slow)
+                                   for kills in KILLS], ids=lambda kills: "+".join(f"{hook}{at}" for hook, at in kills))
 def test_a_killed_run_continues_to_the_figures_of_an_uninterrupted_one(kills, runner, straight, tiny_model_dir,
                                                                         tmp_path):
     argv = tiny_args(tiny_model_dir, tmp_path, "--cycles", str(CYCLES), "--name", "run")
@@ -72,7 +74,10 @@ STOPS = [("INT", 130, "Ctrl-C"), ("TERM", 143, "SIGTERM")]  # Ctrl-C, and what a
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=lambda stop: stop[2])
-@pytest.mark.parametrize("hook, at, last_completed", [("decode", 2, None), ("replace", 9, None), ("replace", 10, 1), ("train", 2, 1)])
+@pytest.mark.parametrize("hook, at, last_completed", [pytest.param("decode", 2, None, marks=pytest.mark.slow),
+                                                      pytest.param("replace", 9, None, marks=pytest.mark.slow),
+                                                      ("replace", 10, 1),
+                                                      pytest.param("train", 2, 1, marks=pytest.mark.slow)])
 def test_ctrl_c_or_sigterm_stops_in_one_line_that_says_how_to_continue(hook, at, last_completed, stop, runner,
                                                                        straight, tiny_model_dir, tmp_path):
     signal_name, exit_code, said = stop
@@ -160,6 +165,7 @@ def small_file_system_available() -> bool:
     return shutil.which("unshare") is not None and probe.returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_stops_in_one_line_and_resume_goes_on_once_space_is_freed(straight, tiny_model_dir, tmp_path):
     """On a 4 MiB file system (its own mount namespace) holding a filler file: the run stops when
     the disk fills, with progress.json intact; the filler is removed and --resume finishes."""

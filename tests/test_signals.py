@@ -167,8 +167,9 @@ def examples(run_dir, cycle) -> list[dict]:
     return [json.loads(line) for line in (run_dir / f"examples_cycle_{cycle}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("signal, flag", [("execution", "passed"), ("agreement", "agreed"),
-                                          ("inversion+execution", None)])
+@pytest.mark.parametrize("signal, flag", [("execution", "passed"),
+                                          pytest.param("agreement", "agreed", marks=pytest.mark.slow),
+                                          pytest.param("inversion+execution", None, marks=pytest.mark.slow)])
 def test_a_run_trains_on_what_its_signal_keeps(signal, flag, tiny_model_dir, tmp_path, known_commands, sandbox):
     args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "s", "--domain", "bash",
                      "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.13")
@@ -193,6 +194,7 @@ def test_a_run_trains_on_what_its_signal_keeps(signal, flag, tiny_model_dir, tmp
     assert any(r["selected"] for r in before) and not all(r["selected"] for r in before)  # not trivially so
 
 
+@pytest.mark.slow
 def test_train_from_base_trains_a_fresh_adapter_on_all_selected_and_resumes(tiny_model_dir, tmp_path, known_commands,
                                                                            sandbox):
     base = ("--domain", "bash", "--signal", "execution", "--train-from", "base")

@@ -4,6 +4,7 @@ import json
 import random
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -16,6 +17,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_cycle  # noqa: E402
 
 
+@pytest.mark.slow
 def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model():
     """The project's batched decoder (shared prefix, copies, early stop) writes the same greedy
     commands as one plain `generate` call per task, so it accepts the same examples. In float32,
@@ -30,6 +32,7 @@ def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model
     assert same >= 9, [(r["command"], isi.extract_command(t)) for r, t in zip(batched, reference)]
 
 
+@pytest.mark.slow
 def test_bf16_scores_like_fp32_within_sampling_noise():
     """bf16 (the default on CPUs with AMX, and on GPUs) changes the rounding, so single samples
     differ; over 30 tasks x 3 candidates its mean score and acceptance must stay within four
@@ -68,6 +71,7 @@ def test_lexical_scores_are_exact_functions_of_their_inputs():
     assert [isi.lexical_score(*p) for p in pairs] == [isi.lexical_score(*p) for p in pairs]
 
 
+@pytest.mark.slow
 def test_bench_cycle_cpu_path_on_a_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     assert bench_cycle.main(["--random-config", "tiny", "--tasks", "2", "--candidates", "2", "--threshold", "0",

@@ -18,6 +18,8 @@ import support.run_directory
 RUNNER = str(ROOT / "tests" / "team_runner.py")
 LAUNCH_TIMEOUT_S = 150  # a launch takes 10-20 s here; a hung collective must fail the test, not stall it
 
+pytestmark = pytest.mark.slow  # processes started by launchers: a minute and more
+
 
 def free_port() -> int:
     with socket.socket() as s:
