@@ -314,12 +314,9 @@ class Task:
 def fill_template(template: dict, slots: dict, rng: random.Random) -> Task:
     if template.get("plain"):  # a task from a table: its text as it is, braces included
         return Task(template["task"], template.get("tool"))
-    values = {
-        slot: rng.choice(slots[slot])
-        for slot in sorted(set(SLOT_PATTERN.findall(template["task"])))
-    }
-    return Task(SLOT_PATTERN.sub(lambda m: values[m.group(1)], template["task"]),
-                template.get("tool"))
+    slots_used = sorted(set(SLOT_PATTERN.findall(template["task"])))
+    values = {slot: rng.choice(slots[slot]) for slot in slots_used}
+    return Task(SLOT_PATTERN.sub(lambda m: values[m.group(1)], template["task"]), template.get("tool"))
 
 
 def draw_tasks(domain: dict, n: int, rng: random.Random, exclude: frozenset = frozenset(),
@@ -1039,8 +1036,8 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
         tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
     stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
                       label=f"batch {index}")
-    executed = execute_commands(sandbox, stage.records, cfg.candidates,
-                                lm.team) if sandbox else Stage(stage.records, {})
+    executed = (execute_commands(sandbox, stage.records, cfg.candidates, lm.team) if sandbox
+                else Stage(stage.records, {}))
     return Stage(executed.records, stage.timing | executed.timing | task_info)
 
 
@@ -1054,8 +1051,8 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
                                 label="probe")
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
                             greedy=True, seed=seed, label="probe")
-    executed = execute_commands(sandbox, judged.records, 1, lm.team) if sandbox else Stage(
-        judged.records, {})
+    executed = (execute_commands(sandbox, judged.records, 1, lm.team) if sandbox
+                else Stage(judged.records, {}))
     # before any training the adapter adds exactly zero: the frozen judge is the run's judge
     frozen = judged if cfg.judge == "frozen" or cycle == 0 else judge_commands(
         lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed,
@@ -1063,18 +1060,16 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
     records = [r | {"frozen_reconstruction": f["reconstruction"], "frozen_score": f["score"]}
                for r, f in zip(executed.records, frozen.records)]
     frozen_summary = summarize(frozen.records, cfg.scorer)
-    timings = [written.timing, judged.timing, executed.timing
-               ] + [frozen.timing] * (frozen is not judged)
+    timings = [written.timing, judged.timing, executed.timing] + [frozen.timing] * (frozen is not judged)
     seconds = sum(v for t in timings for k, v in t.items() if k.endswith("_s"))
     summary = summarize(executed.records, cfg.scorer) | {
         "frozen_mean_score": frozen_summary["mean_score"],
         "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
     passed = (f", execution passed {summary['execution_pass_rate']:.2f}"
               if "execution_pass_rate" in summary else "")
-    print(
-        f"  probe   mean score {summary['mean_score']:.3f} (frozen judge {summary['frozen_mean_score']:.3f}), "
-        f"accepted {summary['accepted']}/{summary['total_generated']}, unusable "
-        f"{summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
+    print(f"  probe   mean score {summary['mean_score']:.3f} (frozen judge "
+          f"{summary['frozen_mean_score']:.3f}), accepted {summary['accepted']}/{summary['total_generated']}, "
+          f"unusable {summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
     return summary, records
 
 
@@ -1082,10 +1077,8 @@ def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Pa
                   probe_tasks: list[Task], eval_items: list[dict] | None) -> dict:
     """A new run's history, with cycle 0: the untrained model's probe and evaluation."""
     # processes[c]: how many processes ran cycle c (0: the untrained model's probe and evaluation)
-    history = {
-        "cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
-        "compute": compute_record(lm) | {"processes": [lm.team.size]}
-    }
+    history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
+               "compute": compute_record(lm) | {"processes": [lm.team.size]}}
     print("cycle 0 (before any training)", flush=True)
     history["probe_initial"], records = probe(lm, embedder, sandbox, cfg, probe_tasks, 0)
     if lm.team.main:
@@ -1114,16 +1107,16 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
                              distinct=True)
     probe_texts = frozenset(t.text for t in probe_tasks)
     # the other processes learn whether the main one could write the run directory
-    team.together(lambda: prepare_run_directory(run_dir, saved["last_completed_cycle"]
-                                                if saved else -1) if team.main else None)
+    last_completed = saved["last_completed_cycle"] if saved else -1
+    team.together(lambda: prepare_run_directory(run_dir, last_completed) if team.main else None)
     eval_items = evaluation_items(cfg)
     started = time.perf_counter()
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
     if saved is None:
         history = start_history(lm, embedder, sandbox, cfg, run_dir, probe_tasks, eval_items)
-        pending, pool, first_cycle = fresh_batch(lm, embedder, sandbox, cfg, domain, 1,
-                                                 probe_texts), [], 1
+        pending = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_texts)
+        pool, first_cycle = [], 1
     else:
         history = resumed_history(saved, compute_record(lm), team.size)
         first_cycle = saved["last_completed_cycle"] + 1
@@ -1145,8 +1138,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         # SELECT: the candidates the signal keeps, from the batch generated last cycle
         chosen = select_for_training(before_stage.records, cfg.select, cfg.signal,
                                      random.Random(stage_seed(cfg.seed, "select", cycle)))
-        selected = [{k: before_stage.records[i][k]
-                     for k in ("task", "tool", "command")} for i in chosen]
+        selected = [{k: before_stage.records[i][k] for k in ("task", "tool", "command")} for i in chosen]
         pool = pool + selected if cfg.data == "cumulative" or cfg.train_from == "base" else selected
 
         # TRAIN: one epoch of LoRA on the pool (ReST-EM: a fresh adapter on all selected so far)
@@ -1173,10 +1165,8 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         # SAVE: the cycle's examples and checkpoint, its figures, the plot, and progress.json last
         # (it marks the cycle as done)
         if team.main:
-            write_jsonl(
-                run_dir / f"examples_cycle_{cycle}.jsonl",
-                cycle_examples(before_stage.records, set(chosen), after_stage.records,
-                               probe_records))
+            examples = cycle_examples(before_stage.records, set(chosen), after_stage.records, probe_records)
+            write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl", examples)
             save_checkpoint(lm, run_dir, cycle, after_stage, pool)
         history["cycles"].append({
             "cycle": cycle, "before": before, "after": after,
@@ -1188,19 +1178,16 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         history["total_generated"] += before["total_generated"]
         history["total_accepted"] += before["accepted"]
         history["compute"]["processes"].append(team.size)
-        progress = {
-            "last_completed_cycle": cycle, "timestamp": datetime.now(timezone.utc).isoformat(),
-            "history": history
-        }
+        progress = {"last_completed_cycle": cycle, "timestamp": datetime.now(timezone.utc).isoformat(),
+                    "history": history}
         if team.main:
             plot_progress(history, run_dir / "progress.png")
             write_json(run_dir / "progress.json", progress)
         pending = after_stage
         cycle_s, left = time.perf_counter() - cycle_start, cfg.cycles - cycle
-        print(
-            f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so far"
-            + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""),
-            flush=True)
+        print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so "
+              f"far" + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""),
+              flush=True)
 
     if not team.main:
         return progress
