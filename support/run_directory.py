@@ -166,6 +166,10 @@ def check_run_directory(run_dir: Path, cfg, settings: dict, defaults: dict) -> d
     return progress
 
 
+def cannot_write(run_dir: Path, err: OSError) -> UsageError:
+    return UsageError(f"--output: cannot write the run directory {run_dir} ({err.strerror or err})")
+
+
 def hold_run_directory(run_dir: Path):
     """Take the run directory for this process (creating it), or refuse in one line when another
     process holds it: two starts of the same run would write the same files. The lock is the
@@ -176,7 +180,7 @@ def hold_run_directory(run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / ".lock", "a+")
     except OSError as err:
-        raise UsageError(f"--output: cannot write the run directory {run_dir} ({err.strerror or err})") from None
+        raise cannot_write(run_dir, err) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -203,7 +207,7 @@ def prepare_run_directory(run_dir: Path, last_completed: int) -> None:
         write_text(run_dir / ".writable", "")
         (run_dir / ".writable").unlink()
     except OSError as err:
-        raise UsageError(f"--output: cannot write the run directory {run_dir} ({err.strerror or err})") from None
+        raise cannot_write(run_dir, err) from None
 
 
 def resumed_history(saved: dict, compute: dict, processes: int) -> dict:
