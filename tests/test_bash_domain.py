@@ -1,5 +1,5 @@
-"""The built-in bash domain (support/domains/bash.json) never reproduces the NL2Bash benchmark: every task it can generate differs from
-every benchmark query, and no template contains one. Its paths exist in the evaluation trees."""
+"""The built-in bash domain (support/domains/bash.json) never reproduces the NL2Bash benchmark:
+every task it can generate differs from every benchmark query, and no template contains one. Its paths exist in the evaluation trees."""
 import itertools
 import random
 

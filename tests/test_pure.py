@@ -205,7 +205,7 @@ def test_curve_reads_cycle_zero_from_the_initial_entry():
 
 
 def test_embedded_model_cache_drops_the_gguf_quantizer_marker(tmp_path, monkeypatch):
-    """Caches written by session 1 kept GGUF's quantization_config in config.json, which made
+    """Caches written before 2026-11-26 kept GGUF's quantization_config in config.json, which made
     transformers attach a GGUF quantizer to plain weights; reading such a cache removes it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     target = tmp_path / "intrinsic-self-improvement" / "SmolLM2-135M-Instruct"
