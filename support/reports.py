@@ -11,7 +11,7 @@ from pathlib import Path
 
 from support import UsageError
 from support import nl2bash
-from support.run_directory import read_jsonl, write_bytes, write_json
+from support.run_directory import read_jsonl, read_progress, write_bytes, write_json
 
 
 def duration(seconds: float) -> str:
@@ -169,14 +169,7 @@ def load_run(run_dir: str) -> dict:
     path = Path(run_dir) / "progress.json"
     if not path.is_file():
         raise UsageError(f"compare: {run_dir} holds no progress.json")
-    try:
-        progress = json.loads(path.read_text())
-        history = progress["history"]
-        if not isinstance(history["cycles"], list) or not isinstance(history["config"], dict):
-            raise ValueError("history.cycles or history.config has the wrong type")
-    except (OSError, ValueError, KeyError, TypeError) as err:  # JSON and Unicode errors are ValueErrors
-        raise UsageError(f"compare: {path} is damaged ({type(err).__name__}: {err})") from None
-    return progress
+    return read_progress(path, what="compare: ", then="")
 
 
 def spread(values: list[float]) -> str:

@@ -88,8 +88,10 @@ def remove(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def read_progress(path: Path) -> dict:
-    """progress.json, checked for what a resume needs."""
+def read_progress(path: Path, what: str = "", then: str = "; the run cannot go on from it: restore the file, "
+                  "or start again with another --name") -> dict:
+    """progress.json, checked for what a resume (or compare) needs; damaged, a UsageError that
+    starts with `what` and ends with `then`."""
     try:
         progress = json.loads(path.read_text())
         history = progress["history"]
@@ -98,8 +100,7 @@ def read_progress(path: Path) -> dict:
         if [c["cycle"] for c in history["cycles"]] != list(range(1, progress["last_completed_cycle"] + 1)):
             raise ValueError(f"history.cycles does not run from 1 to {progress['last_completed_cycle']}")
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSON and Unicode errors are ValueErrors
-        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); the run cannot go on from it: restore "
-                         f"the file, or start again with another --name") from None
+        raise UsageError(f"{what}{path} is damaged ({type(err).__name__}: {err}){then}") from None
     return progress
 
 
