@@ -22,6 +22,9 @@ $(STAMP): requirements.txt Makefile
 	@command -v bwrap >/dev/null || apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
 		|| echo "bubblewrap could not be installed: the NL2Bash evaluation (--eval nl2bash) will be off"
+	@command -v shellcheck >/dev/null || apt-get install -y -qq shellcheck >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 \
+		|| echo "shellcheck could not be installed: audit reports its ladder level unavailable"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -47,13 +47,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from support import UsageError, nl2bash
+from support.audit import LADDER
+from support.cpu_products import merged_adapter
 from support.decoder import decode
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
 from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint,
-                                   prepare_run_directory, resumed_history, save_checkpoint,
-                                   write_json, write_jsonl)
+                                   prepare_run_directory, read_jsonl, read_progress,
+                                   resumed_history, save_checkpoint, write_json, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
 from support.tasks import SLOT_PATTERN, TABLE_FORMATS, environment_script, load_domain
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
@@ -190,16 +192,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommand: 'intrinsic_self_improvement.py compare RUN_DIR [RUN_DIR ...]' puts runs "
         "side by side, a table and one plot (see 'compare --help').",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+    add_config_flags(parser, [f.name for f in dataclasses.fields(Config)])
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: list[str], defaults: dict = {}) -> None:
+    """One flag per named Config field, with its help, choices and default (or `defaults`')."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in names:
+        f, flag = fields[name], "--" + name.replace("_", "-")
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
             continue
         kind = {int: int, float: float}.get(f.type, str)
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
-                            choices=f.metadata.get("choices"),
-                            metavar=None if "choices" in f.metadata else f.name.upper())
-    return parser
+        parser.add_argument(flag, type=kind, default=defaults.get(name, f.default),
+                            help=f.metadata["help"], choices=f.metadata.get("choices"),
+                            metavar=None if "choices" in f.metadata else name.upper())
 
 
 def validate(cfg: Config) -> Config:
@@ -482,7 +490,8 @@ class Stage:
 
 
 def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, temperature: float,
-             max_new_tokens: int, stop_at_line: bool, batch_size: int, seed: int, desc: str):
+             max_new_tokens: int, stop_at_line: bool, batch_size: int, seed: int, desc: str,
+             with_logprobs: bool = False):
     """The model's answers to requests in its own chat format, `copies` each (temperature 0:
     greedy), stopped at their first complete line when `stop_at_line`. Each process of a team
     decodes its share with a random stream of its own."""
@@ -491,22 +500,24 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
     return decode(lm, [prompt_ids(lm.tokenizer, r) for r in requests], copies=copies,
                   temperature=temperature, max_new_tokens=max_new_tokens,
                   line_done=first_line_complete if stop_at_line else None, batch_size=batch_size,
-                  seed=seed, desc=desc)
+                  seed=seed, desc=desc, with_logprobs=with_logprobs)
 
 
 def generate_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copies: int,
-                      greedy: bool, seed: int, label: str) -> Stage:
-    """GENERATE: `copies` commands per task (adjacent in the records)."""
+                      greedy: bool, seed: int, label: str, certainty: bool = False) -> Stage:
+    """GENERATE: `copies` commands per task (adjacent in the records). `certainty`: each record
+    also gets its output's mean token log-probability as sampled (a self-certainty signal)."""
     gen = generate(lm, [command_request(t) for t in tasks], copies=copies,
                    temperature=0 if greedy else cfg.temperature,
                    max_new_tokens=cfg.max_command_tokens, stop_at_line=True,
                    batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "generate"),
-                   desc=f"{label}: generate")
+                   desc=f"{label}: generate", with_logprobs=certainty)
     records = []
     for i, text in enumerate(gen.texts):
         task, command = tasks[i // copies], extract_command(text)
         records.append({"task": task.text, "tool": task.tool, "output": text, "command": command,
-                        "usable": is_usable_command(command)})
+                        "usable": is_usable_command(command)}
+                       | ({"certainty": gen.mean_logprobs[i]} if certainty else {}))
     return Stage(records, {"generate_s": round(gen.seconds, 3), "generate_tokens": gen.tokens,
                            "generate_prefilled": gen.prefilled})
 
@@ -711,6 +722,35 @@ def agreement_group(runs: list) -> list[int]:
             groups.setdefault(execution_result(run), []).append(i)
     largest = max(groups.values(), key=len, default=[])
     return largest if len(largest) >= 2 else []
+
+
+def agreement_sizes(runs: list) -> list[int]:
+    """Per run: the size of its MBR-exec group, the runs with the same passing execution result
+    (itself included); 0 for a run that did not pass, or no run (None)."""
+    results = [None if run is None or execution_verdict(run) != "passed" else execution_result(run)
+               for run in runs]
+    return [0 if result is None else results.count(result) for result in results]
+
+
+def execution_ladder(run, parses: bool, shellcheck_clean: bool | None) -> dict:
+    """The execution ladder's levels for one command, each judged on its own (None: could not be
+    checked): bashlex parses it; the programs it calls exist; shellcheck finds no error in it; it
+    exits 0 in time; it prints no usage error; it does something observable (output, or a change
+    to the file system)."""
+    return {"parses": parses,
+            "programs_exist": not (run.exit_code == 127 or bool(NOT_FOUND.search(run.output))),
+            "shellcheck_clean": shellcheck_clean,
+            "exits_zero": run.exit_code == 0 and not run.timed_out,
+            "no_usage_error": not USAGE_ERROR.search(run.output),
+            "effect": bool(run.output.strip() or run.changes)}
+
+
+def ladder_score(levels: dict) -> float:
+    """The levels climbed in order (LADDER), up to the first one failed, over the levels
+    available (a level that could not be checked is skipped, and not counted)."""
+    available = [levels[name] for name in LADDER if levels[name] is not None]
+    climbed = next((k for k, passed in enumerate(available) if not passed), len(available))
+    return climbed / len(available)
 
 
 EXECUTION_OUTPUT_KEPT = 300  # characters of output kept per candidate in examples_cycle_N.jsonl
@@ -957,6 +997,46 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
             "positions": positions, "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "loss_mean": round(sum(losses) / len(losses), 4), "train_s": round(seconds, 3),
             "train_tokens_per_s": round(sum(len(e["input_ids"]) for e in examples) / seconds, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# LIKELIHOOD: how probable the model finds a given answer (Coder-Reviewer's coder and reviewer)
+# ---------------------------------------------------------------------------------------------
+
+def reviewer_example(tokenizer, task: str, command: str) -> dict:
+    """The loop's inversion prompt for the command, then the task as its answer, then EOS."""
+    return training_example(
+        prompt_ids(tokenizer, inversion_request(command)),
+        tokenizer(task, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
+def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) -> list[float]:
+    """Per example: the mean log-probability of its answer (its labelled tokens) given its
+    prompt, one forward pass each, batched; minus the example's training loss. Several
+    processes each score their share."""
+    import torch
+    base = lm.model.get_base_model()
+
+    def score(share: list[dict]) -> list[float]:
+        order = sorted(range(len(share)), key=lambda i: len(share[i]["input_ids"]))
+        values = [0.0] * len(share)
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            batch = {k: v.to(lm.device)
+                     for k, v in collate([share[i] for i in chunk], lm.tokenizer.pad_token_id).items()}
+            hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            keep = targets != -100
+            logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+            picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
+            for i, row in zip(chunk, picked.split(keep.sum(1).tolist())):
+                values[i] = row.mean().item()
+        return values
+
+    lm.model.eval()
+    with torch.inference_mode(), merged_adapter(lm):
+        return lm.team.spread(score, examples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1225,6 +1305,357 @@ def run(cfg: Config, team: Team = Team()) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The audit: every label-free signal scored against execution truth on NL2Bash, before any
+# training (support/audit.py computes the figures)
+# ---------------------------------------------------------------------------------------------
+
+AUDIT_FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold", "judge",
+               "seed", "domain", "tasks_file", "eval_limit", "eval_fs", "eval_workers", "embedder",
+               "device", "precision", "quantize", "cpu_matmul", "max_command_tokens",
+               "max_inversion_tokens", "gen_batch_size", "output", "name")
+AUDIT_DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None}
+AUDIT_RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device"}
+
+
+def audit_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="intrinsic_self_improvement.py audit", allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score every label-free signal against execution truth on NL2Bash: for each "
+        "item, --candidates sampled commands and the greedy one, every signal computed for each, "
+        "and InterCode's reward against the gold command; AUROC, Spearman and top-1 reranking "
+        "with bootstrap intervals over items (docs/audit.md). The same command continues a "
+        "stopped audit.")
+    add_config_flags(parser, list(AUDIT_FLAGS), AUDIT_DEFAULTS)
+    parser.add_argument("--adapter", default=None, metavar="RUN_DIR/checkpoint_cycle_N",
+                        help="audit a trained model: the adapter of a run's checkpoint (its model "
+                        "and LoRA shape come from the run; --judge frozen makes the base model judge)")
+    parser.add_argument("--from", dest="from_dir", default=None, metavar="AUDIT_DIR",
+                        help="recompute the figures, table and plot from an audit's candidates file")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws over items")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="beats_nothing: reward at least this above the do-nothing command's "
+                        "(default: support/audit.py's BEATS_NOTHING_MARGIN, 0.05)")
+    parser.add_argument("--chunk-items", type=int, default=25,
+                        help="items written at a time: a stopped audit loses at most one chunk")
+    return parser
+
+
+def parse_audit_args(argv: list[str]) -> argparse.Namespace:
+    args = audit_parser().parse_args(argv)
+    if args.margin is not None and not 0 <= args.margin <= 1:
+        raise UsageError(f"--margin must be in [0, 1], got {args.margin}")
+    for name in ("bootstrap", "chunk_items"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def audit_config(args: argparse.Namespace) -> Config:
+    """The audit's Config: its flags, the model and LoRA shape of --adapter's run, checked."""
+    values = {name: getattr(args, name) for name in AUDIT_FLAGS}
+    if args.adapter is not None:
+        checkpoint = Path(args.adapter)
+        if not (checkpoint / "adapter_model.safetensors").is_file():
+            raise UsageError(f"--adapter {checkpoint}: no adapter there (adapter_model.safetensors); "
+                             f"give a run's RUN_DIR/checkpoint_cycle_N")
+        trained = read_progress(checkpoint.parent / "progress.json", "--adapter: ",
+                                "")["history"]["config"]
+        if values["model"] not in (None, trained["model"]):
+            raise UsageError(f"--adapter {checkpoint} was trained on --model {trained['model']}, "
+                             f"not {values['model']}")
+        values |= {k: trained[k] for k in ("model", "lora_r", "lora_alpha", "lora_dropout")}
+    values["model"] = values["model"] or EMBEDDED_MODEL
+    cfg = validate(Config(**values, eval="nl2bash"))
+    if environment_script(load_domain(cfg.tasks_file, cfg.domain)) is None:
+        raise UsageError(f"audit runs commands in the domain's file system, and the "
+                         f"{domain_label(cfg)} domain has none (bash has one)")
+    return cfg
+
+
+def audit_name(cfg: Config, adapter: str | None) -> str:
+    """model_base or model_RUN_cycleN, with K and the seed."""
+    model = "smollm2-135m" if cfg.model == EMBEDDED_MODEL else Path(cfg.model.rstrip("/")).name
+    trained = "base" if adapter is None else (
+        f"{Path(adapter).resolve().parent.name}_{Path(adapter).name.replace('checkpoint_', '')}")
+    judge = "_frozen-judge" if cfg.judge == "frozen" else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}")
+
+
+def audit_inversion(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *, greedy: bool,
+                    seed: int, label: str) -> tuple[list[dict], dict]:
+    """The published round trip as SELECT computes it, by the judge: one reconstruction per
+    command, scored by each scorer. Per record {inversion_embed, _lexical, _mix}; seconds of each."""
+    with lm.model.disable_adapter() if cfg.judge == "frozen" else contextlib.nullcontext():
+        inverted = invert_commands(lm, cfg, records, greedy=greedy, seed=seed, label=label)
+        values, seconds = [{} for _ in records], {}
+        for scorer in ("embed", "lexical", "mix"):
+            scored = score_reconstructions(lm, embedder, dataclasses.replace(cfg, scorer=scorer),
+                                           inverted.records, seed=seed, label=label)
+            for value, record in zip(values, scored.records):
+                value[f"inversion_{scorer}"] = record["score"]
+            seconds[f"inversion_{scorer}"] = inverted.timing["invert_s"] + scored.timing["score_s"]
+    return values, seconds
+
+
+def audit_likelihood(lm: LanguageModel, cfg: Config, rows: list[dict]) -> tuple[list[dict], dict]:
+    """coder (the command given the task, by the model audited) and reviewer (the task given the
+    command, by the judge), each a mean token log-probability; None without a command."""
+    scored = [i for i, r in enumerate(rows) if r["command"]]
+    coder = [command_example(lm.tokenizer, Task(rows[i]["query"]), rows[i]["command"]) for i in scored]
+    reviewer = [reviewer_example(lm.tokenizer, rows[i]["query"], rows[i]["command"]) for i in scored]
+    started = time.perf_counter()
+    coder = answer_logprobs(lm, coder, cfg.gen_batch_size)
+    coder_s = time.perf_counter() - started
+    with lm.model.disable_adapter() if cfg.judge == "frozen" else contextlib.nullcontext():
+        reviewer = answer_logprobs(lm, reviewer, cfg.gen_batch_size)
+    reviewer_s = time.perf_counter() - started - coder_s
+    values = [{"coder": None, "reviewer": None, "coder_reviewer": None} for _ in rows]
+    for i, c, r in zip(scored, coder, reviewer):
+        values[i] = {"coder": round(c, 5), "reviewer": round(r, 5), "coder_reviewer": round(c + r, 5)}
+    return values, {"coder": coder_s, "reviewer": reviewer_s, "coder_reviewer": coder_s + reviewer_s}
+
+
+def execution_signals(runs: list, parses: list, clean: list, shellcheck: bool,
+                      suffix: str = "") -> list[dict]:
+    """Per run of one item's candidates (the sampled ones first, the greedy one last): the
+    ladder's levels (without `suffix` only: parsing and shellcheck do not depend on the file
+    system), the ladder, the loop's execution verdict, and the agreement group's size (the greedy
+    command's counts the sampled ones and itself). Not a command (no run): every value 0."""
+    sizes = agreement_sizes(runs[:-1]) + agreement_sizes(runs)[-1:]
+    values = []
+    for run, parsed, ok, size in zip(runs, parses, clean, sizes):
+        if run is None:
+            levels = {name: False for name in LADDER} | ({} if shellcheck else {"shellcheck_clean": None})
+        else:
+            levels = execution_ladder(run, parsed, ok)
+        named = {} if suffix else {k: None if v is None else int(v) for k, v in levels.items()}
+        values.append(named | {
+            f"ladder{suffix}": 0.0 if run is None else round(ladder_score(levels), 4),
+            f"execution{suffix}": int(run is not None and execution_verdict(run) == "passed"),
+            f"agreement{suffix}": size})
+    return values
+
+
+def run_on_items(cfg: Config, team: Team, items: list[dict], commands: list[list[str]]):
+    """Each item's commands in the item's own file system, with the do-nothing command `true`
+    and the gold command (run afresh: time-relative golds age). Per item: (`true`'s reward, the
+    candidates' runs, their rewards)."""
+    def share_runs(share: list[dict], lists: list[list[str]]) -> list[tuple]:
+        with nl2bash.Evaluator(share, workers=sandbox_workers(cfg, team)) as evaluator:
+            nothing = evaluator.run_items(["true"] * len(share))
+            flat = [(k, c) for k, commands_of_one in enumerate(lists) for c in commands_of_one]
+            runs = evaluator.run_all([share[k]["group"] for k, _ in flat], [c for _, c in flat])
+        out = []
+        for k, gold in enumerate(evaluator.gold_runs):
+            mine = [run for (j, _), run in zip(flat, runs) if j == k]
+            out.append((nl2bash.intercode_reward(gold, nothing[k]), mine,
+                        [nl2bash.intercode_reward(gold, run) for run in mine]))
+        return out
+    return team.spread(lambda share, lists: team.together(lambda: share_runs(share, lists),
+                                                          SandboxUnavailable), items, commands)
+
+
+def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[dict], chunk: int,
+                shellcheck: bool) -> list[dict]:
+    """Every candidate of some items (K sampled and the greedy one, in that order per item) with
+    every label-free signal, and its execution truth against the gold command."""
+    from support.audit import beats_nothing
+    from support.shellcheck import error_free
+    seed, label, k = stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
+    tasks, seconds = [Task(item["query"]) for item in items], {}
+    started = time.perf_counter()
+    sampled = generate_commands(lm, cfg, tasks, copies=k, greedy=False, seed=seed, label=label,
+                                certainty=True)
+    greedy = generate_commands(lm, cfg, tasks, copies=1, greedy=True, seed=seed, label=label,
+                               certainty=True)
+    seconds["generate"], seconds["certainty"] = time.perf_counter() - started, 0.0
+    inverted, inverted_s = audit_inversion(lm, embedder, cfg, sampled.records, greedy=False,
+                                           seed=seed, label=label)
+    inverted_greedy, greedy_s = audit_inversion(lm, embedder, cfg, greedy.records, greedy=True,
+                                                seed=seed, label=label)
+    seconds |= {name: inverted_s[name] + greedy_s[name] for name in inverted_s}
+    rows = []
+    for i, item in enumerate(items):
+        per_item = list(zip(sampled.records[i * k:(i + 1) * k], inverted[i * k:(i + 1) * k]))
+        for (record, inversion), is_greedy in zip(per_item + [(greedy.records[i], inverted_greedy[i])],
+                                                  [False] * k + [True]):
+            rows.append({"item": item["id"], "fs": item["group"], "query": item["query"],
+                         "command": record["command"], "output": record["output"],
+                         "greedy": is_greedy, "usable": record["usable"],
+                         "signals": inversion | {"certainty": record["certainty"]}})
+    likelihood, likelihood_s = audit_likelihood(lm, cfg, rows)
+    seconds |= likelihood_s
+    usable = [i for i, r in enumerate(rows) if r["usable"]]
+    started = time.perf_counter()
+    parses = [None] * len(rows)
+    for i in usable:
+        parses[i] = nl2bash.command_structure(rows[i]["command"]) is not None
+    seconds["parses"] = time.perf_counter() - started
+    started = time.perf_counter()
+    clean = [None] * len(rows)
+    for i, ok in zip(usable, error_free([rows[i]["command"] for i in usable]) if shellcheck else []):
+        clean[i] = ok
+    seconds["shellcheck_clean"] = time.perf_counter() - started
+    started = time.perf_counter()
+    domain_runs = [None] * len(rows)
+    done = lm.team.spread(lambda commands: sandbox.run_all(["domain"] * len(commands), commands),
+                          [rows[i]["command"] for i in usable])
+    for i, run in zip(usable, done):
+        domain_runs[i] = run
+    seconds["execution"] = time.perf_counter() - started
+    started = time.perf_counter()
+    truth = run_on_items(cfg, lm.team, items, [[r["command"] for r in rows[j:j + k + 1]]
+                                               for j in range(0, len(rows), k + 1)])
+    seconds["execution_itemfs"] = time.perf_counter() - started
+    for j, (nothing, item_runs, rewards) in zip(range(0, len(rows), k + 1), truth):
+        span = range(j, j + k + 1)
+        runs_itemfs = [run if rows[i]["usable"] else None for i, run in zip(span, item_runs)]
+        domain = execution_signals([domain_runs[i] for i in span], [parses[i] for i in span],
+                                   [clean[i] for i in span], shellcheck)
+        itemfs = execution_signals(runs_itemfs, [parses[i] for i in span], [clean[i] for i in span],
+                                   shellcheck, suffix="_itemfs")
+        for i, reward, d, f in zip(span, rewards, domain, itemfs):
+            rows[i]["signals"] |= likelihood[i] | d | f
+            rows[i] |= {"trivial_item": nl2bash.is_success(nothing), "success": nl2bash.is_success(reward),
+                        "reward": reward, "nothing_reward": nothing,
+                        "beats_nothing": beats_nothing(reward, nothing),
+                        "verdict": "unusable" if domain_runs[i] is None else execution_verdict(domain_runs[i])}
+    cost = audit_costs(seconds, len(rows))
+    return [r | {"cost": cost} for r in rows]
+
+
+def audit_costs(seconds: dict, candidates: int) -> dict:
+    """Seconds per candidate of each signal, beyond generating the candidates: what computing it
+    took (the ladder's levels share the domain's runs; parses and shellcheck_clean add theirs)."""
+    run = seconds["execution"]
+    cost = {name: seconds[name] for name in ("generate", "certainty", "inversion_embed",
+                                            "inversion_lexical", "inversion_mix", "coder",
+                                            "reviewer", "coder_reviewer")}
+    cost |= {"parses": seconds["parses"], "shellcheck_clean": seconds["shellcheck_clean"],
+             "programs_exist": run, "exits_zero": run, "no_usage_error": run, "effect": run,
+             "execution": run, "agreement": run,
+             "ladder": run + seconds["parses"] + seconds["shellcheck_clean"]}
+    item = seconds["execution_itemfs"]
+    cost |= {"execution_itemfs": item, "agreement_itemfs": item,
+             "ladder_itemfs": item + seconds["parses"] + seconds["shellcheck_clean"]}
+    return {name: round(value / candidates, 5) for name, value in cost.items()}
+
+
+def audit_settings(cfg: Config, args: argparse.Namespace, shellcheck: bool) -> dict:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in AUDIT_FLAGS
+            and k not in AUDIT_RUN_ONLY} | {
+        "adapter": None if args.adapter is None else str(Path(args.adapter).resolve()),
+        "chunk_items": args.chunk_items, "shellcheck": shellcheck}
+
+
+def audited_so_far(path: Path, items: list[dict], per_item: int) -> list[dict]:
+    """The candidates an audit has written (whole chunks), checked against the items."""
+    if not path.exists():
+        return []
+    try:
+        rows = read_jsonl(path)
+        ids = [r["item"] for r in rows[::per_item]]
+        if len(rows) % per_item or ids != [item["id"] for item in items[:len(ids)]]:
+            raise ValueError("its candidates are not the items' in order")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); the audit cannot go "
+                         f"on from it: remove it, or choose another --name") from None
+    return rows
+
+
+def finish_audit(audit_dir: Path, rows: list[dict], settings: dict, meta: dict,
+                 args: argparse.Namespace) -> dict:
+    """audit.json, audit.png and the printed table, from the candidates."""
+    from support.audit import BEATS_NOTHING_MARGIN, audit_figures, audit_table, plot_audit
+    figures = audit_figures(rows, threshold=settings["threshold"], bootstrap=args.bootstrap,
+                            shellcheck_available=settings["shellcheck"], seed=settings["seed"],
+                            margin=BEATS_NOTHING_MARGIN if args.margin is None else args.margin)
+    result = figures | {"settings": settings} | meta
+    write_json(audit_dir / "audit.json", result)
+    plot_audit(figures, audit_dir / "audit.png")
+    print(audit_table(figures))
+    print(f"wrote {audit_dir / 'audit.json'}, {audit_dir / 'audit.png'}", flush=True)
+    return result
+
+
+def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
+    """`audit --from AUDIT_DIR`: the figures again from audit_candidates.jsonl."""
+    try:
+        settings = json.loads((audit_dir / "audit_settings.json").read_text())
+        rows = read_jsonl(audit_dir / "audit_candidates.jsonl")
+        meta = json.loads((audit_dir / "audit.json").read_text()) if (audit_dir / "audit.json").exists() else {}
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--from {audit_dir}: not a readable audit ({type(err).__name__}: {err})") from None
+    if not rows:
+        raise UsageError(f"--from {audit_dir}: the audit has no candidates yet")
+    kept = {k: meta[k] for k in ("machine", "compute", "wall_s", "complete") if k in meta}
+    return finish_audit(audit_dir, rows, settings, kept, args)
+
+
+def run_audit(cfg: Config, args: argparse.Namespace, team: Team) -> dict:
+    """`audit`: sample, score with every signal, execute; written chunk by chunk, then figures."""
+    from support.cpu_products import cpu_identity
+    from support.shellcheck import shellcheck_available
+    shellcheck = shellcheck_available()
+    if not shellcheck:
+        print("shellcheck is not installed (apt-get install shellcheck): the ladder's "
+              "shellcheck_clean level is reported unavailable", flush=True)
+    audit_dir = Path(cfg.output) / (cfg.name or audit_name(cfg, args.adapter))
+    settings = audit_settings(cfg, args, shellcheck)
+    settings_path = audit_dir / "audit_settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise UsageError(f"{audit_dir} holds an audit with other settings ({settings_path}); "
+                         f"choose another --name or --output")
+    try:
+        items = nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
+    except ValueError as err:
+        raise UsageError(f"--eval-limit: {err}") from None
+    except SandboxUnavailable as err:
+        raise UsageError(f"audit: {err}") from None
+    per_item = cfg.candidates + 1
+    path = audit_dir / "audit_candidates.jsonl"
+    rows = audited_so_far(path, items, per_item)
+    started = time.perf_counter()
+    try:
+        sandbox = team.together(lambda: Sandbox(
+            {"domain": (environment_script(load_domain(cfg.tasks_file, cfg.domain)), None)},
+            workers=sandbox_workers(cfg, team)), SandboxUnavailable)
+    except SandboxUnavailable as err:
+        raise UsageError(f"audit executes every candidate in the sandbox: {err}") from None
+    with sandbox:
+        lock = team.together(lambda: hold_run_directory(audit_dir) if team.main else None)
+        try:
+            if team.main:
+                write_json(settings_path, settings)
+            lm, embedder = load_models(dataclasses.replace(cfg, scorer="embed"), team)
+            if args.adapter is not None:
+                from peft.utils import set_peft_model_state_dict
+                from safetensors.torch import load_file
+                set_peft_model_state_dict(lm.model, load_file(
+                    Path(args.adapter) / "adapter_model.safetensors", device=lm.device))
+            done = len(rows) // per_item
+            if done:
+                print(f"continuing {audit_dir}: {done} of {len(items)} items done", flush=True)
+            for first in range(done, len(items), args.chunk_items):
+                chunk_started = time.perf_counter()
+                chunk = items[first:first + args.chunk_items]
+                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items,
+                                    shellcheck)
+                if team.main:
+                    write_jsonl(path, rows)
+                print(f"audit: items {first + 1}-{first + len(chunk)} of {len(items)}, "
+                      f"{len(chunk) * per_item} candidates in {time.perf_counter() - chunk_started:.1f}s",
+                      flush=True)
+            meta = {"machine": cpu_identity(), "compute": compute_record(lm),
+                    "wall_s": round(time.perf_counter() - started, 1), "complete": True}
+            return finish_audit(audit_dir, rows, settings, meta, args) if team.main else {}
+        finally:
+            if lock is not None:
+                lock.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -1264,13 +1695,21 @@ def compare(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, team = None, Team()
+    cfg, auditing, team = None, None, Team()
     on_sigterm = signal.signal(signal.SIGTERM,
                                terminated)  # a team's processes replace it (join_team)
     try:
         team = team_from_environment()
         if argv[:1] == ["compare"]:
             compare(argv[1:])
+        elif argv[:1] == ["audit"]:
+            args = parse_audit_args(argv[1:])
+            if args.from_dir is not None:
+                recompute_audit(Path(args.from_dir), args)
+            else:
+                auditing = audit_config(args)
+                team = join_team(auditing)
+                run_audit(auditing, args, team)
         else:
             cfg = parse_config(argv)
             team = join_team(cfg)
@@ -1286,7 +1725,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Terminated) as stop:
         code, by = (130, "Ctrl-C") if isinstance(stop, KeyboardInterrupt) else (143, "SIGTERM")
-        if team.main:
+        if team.main and auditing is not None:
+            print(f"stopped by {by}; the audit keeps the items it has written: run the same "
+                  f"command to continue", file=sys.stderr)
+        elif team.main:
             print(
                 f"stopped by {by} {where_it_stopped(cfg, argv, '') if cfg else 'before the run began'}",
                 file=sys.stderr)

@@ -20,6 +20,7 @@ class Generated:
     tokens: int  # tokens generated, stop tokens included
     seconds: float
     prefilled: int  # prompt positions run through the model (padding included): the prefill's work
+    mean_logprobs: list[float | None] | None = None  # per text, with_logprobs: its tokens' mean log-probability
 
 
 def pick_tokens(logits, temperature: float, generator, top_k: int = 50):
@@ -82,12 +83,15 @@ def decode_cache(room: int):
 
 
 def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
-                 max_new_tokens: int, line_done, generator) -> tuple[list[list[int]], int, int]:
+                 max_new_tokens: int, line_done, generator,
+                 logprobs: list | None = None) -> tuple[list[list[int]], int, int]:
     """Continue prompts with a KV cache. The prefix all prompts share (chat header, instruction)
     is prefilled once; the rest of each prompt is left-padded after it, and prefilled once for its
     `copies` samples; a row leaves the batch as soon as it stops (EOS, or `line_done` of its text
     at a newline token, when given), so finished rows cost nothing. Returns new tokens per row, tokens generated, and
-    prompt positions prefilled (padding included)."""
+    prompt positions prefilled (padding included). A `logprobs` list receives, per row, the
+    log-probability of each new token under the model's own distribution (temperature 1, the
+    whole vocabulary), whatever temperature sampled it."""
     import torch
     model, tok, device = lm.model, lm.tokenizer, lm.device
     shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)  # every row keeps a token
@@ -115,16 +119,22 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
         logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
     new_tokens = [[] for _ in rows]
+    if logprobs is not None:
+        logprobs.extend([] for _ in rows)
     generated = 0
     for step in range(max_new_tokens):
         chosen = pick_tokens(logits, temperature, generator)
         generated += len(rows)
+        if logprobs is not None:
+            chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0].tolist()
         keep = []
         for slot, token in enumerate(chosen.tolist()):
             row = rows[slot]
             if token in lm.stop_ids:
                 continue
             new_tokens[row].append(token)
+            if logprobs is not None:
+                logprobs[row].append(chosen_logprobs[slot])
             if line_done and token in lm.newline_ids and line_done(
                     tok.decode(new_tokens[row], skip_special_tokens=True)):
                 continue
@@ -142,11 +152,13 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
 
 
 def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temperature: float,
-           max_new_tokens: int, line_done=None, batch_size: int, seed: int, desc: str) -> Generated:
+           max_new_tokens: int, line_done=None, batch_size: int, seed: int, desc: str,
+           with_logprobs: bool = False) -> Generated:
     """All prompts of a stage (token ids), batched: sorted by length, about `batch_size`
     sequences per batch (per process); `copies` continuations of each, as text. temperature 0
     means greedy; `seed` seeds this process's random stream. Several processes each take their
-    share of the prompts."""
+    share of the prompts. `with_logprobs`: also each text's mean token log-probability under
+    the model (None for an empty text)."""
     import torch
     from tqdm import tqdm
     start = time.perf_counter()
@@ -158,18 +170,21 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temp
         """`copies` continuations of each prompt."""
         order = sorted(range(len(share)), key=lambda i: len(share[i]))
         per_batch = max(1, batch_size // copies)
-        texts = [[""] * copies for _ in share]
+        texts = [[("", None)] * copies for _ in share]
         with tqdm(total=len(share) * copies, desc=desc, unit="seq", leave=False,
                   disable=None if team.main else True) as bar:
             for first in range(0, len(order), per_batch):
                 chunk = order[first:first + per_batch]
+                logprobs = [] if with_logprobs else None
                 new_tokens, generated, positions = decode_batch(
                     lm, [share[i] for i in chunk], copies=copies, temperature=temperature,
-                    max_new_tokens=max_new_tokens, line_done=line_done, generator=generator)
+                    max_new_tokens=max_new_tokens, line_done=line_done, generator=generator,
+                    **({"logprobs": logprobs} if with_logprobs else {}))
                 counts["tokens"] += generated
                 counts["prefilled"] += positions
                 for k, tokens in enumerate(new_tokens):
-                    texts[chunk[k // copies]][k % copies] = tok.decode(tokens, skip_special_tokens=True)
+                    mean = sum(logprobs[k]) / len(logprobs[k]) if with_logprobs and logprobs[k] else None
+                    texts[chunk[k // copies]][k % copies] = (tok.decode(tokens, skip_special_tokens=True), mean)
                 bar.update(len(new_tokens))
         return texts
 
@@ -177,5 +192,6 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temp
     with torch.inference_mode(), merged_adapter(lm):
         texts = team.spread(continue_prompts, prompts)
     totals = [sum(c) for c in zip(*team.everyone((counts["tokens"], counts["prefilled"])))]
-    return Generated([text for copies_of_one in texts for text in copies_of_one], totals[0],
-                     time.perf_counter() - start, totals[1])
+    pairs = [pair for copies_of_one in texts for pair in copies_of_one]
+    return Generated([text for text, _ in pairs], totals[0], time.perf_counter() - start, totals[1],
+                     [mean for _, mean in pairs] if with_logprobs else None)

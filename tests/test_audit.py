@@ -1,0 +1,354 @@
+"""`audit`: the statistics against scikit-learn and scipy on constructed data; the likelihood
+signals against a direct computation with a tiny model; the ladder's levels on commands written
+to fail at each level, run in the bash domain's sandbox; an end-to-end audit on the tiny model,
+`--from` giving the same figures, a stopped audit continuing to the same candidates; bad input
+refused in one line before anything loads."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import one_line_error, refuse_model_loading, sandbox_unavailable
+
+import intrinsic_self_improvement as isi
+import support.decoder
+import support.shellcheck
+import support.tasks
+from support import audit as au
+from support import sandbox as sb
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics: known answers from scikit-learn and scipy
+# ---------------------------------------------------------------------------------------------
+
+def constructed(n=300, seed=0):
+    """Scores with many ties, labels related to them, item ids of 3-5 candidates."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, n).astype(float)
+    labels = rng.random(n) < 0.15 + 0.1 * scores
+    return scores, labels
+
+
+def test_auroc_equals_scikit_learn_with_ties_and_weights():
+    from sklearn.metrics import roc_auc_score
+    scores, labels = constructed()
+    assert au.auroc(list(scores), list(labels)) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    rng = np.random.default_rng(1)
+    weights = rng.integers(0, 4, size=(5, len(scores)))
+    for row, value in zip(weights, au.auroc_draws(scores, labels, weights)):
+        assert value == pytest.approx(roc_auc_score(labels, scores, sample_weight=row), abs=1e-12)
+    # an abstention (None) ranks below every score
+    with_none = [None if s == 0 else s for s in scores]
+    assert au.auroc(with_none, list(labels)) == pytest.approx(
+        roc_auc_score(labels, np.where(scores == 0, -1e9, scores)), abs=1e-12)
+    assert au.auroc([1.0, 2.0], [True, True]) is None  # one class: undefined
+
+
+def test_spearman_draws_equal_scipy():
+    from scipy.stats import spearmanr
+    scores, labels = constructed()
+    reward = scores * 0.1 + np.random.default_rng(2).random(len(scores))
+    index = np.random.default_rng(3).integers(0, len(scores), len(scores))
+    got = au.spearman_draws(scores, reward, [np.arange(len(scores)), index])
+    assert got[0] == pytest.approx(spearmanr(scores, reward).statistic, abs=1e-12)
+    assert got[1] == pytest.approx(spearmanr(scores[index], reward[index]).statistic, abs=1e-12)
+    assert np.isnan(au.spearman_draws(np.ones(5), np.arange(5.0), [np.arange(5)])[0])
+
+
+def test_item_bootstrap_interval_agrees_with_scipy():
+    """The percentile interval of a mean over items, from item_draws, against scipy's bootstrap."""
+    from scipy.stats import bootstrap
+    values = np.random.default_rng(4).random(200) ** 3
+    counts = au.item_draws(len(values), 5000, seed=5)
+    ours = au.interval((counts * values).sum(1) / counts.sum(1))
+    theirs = bootstrap((values,), np.mean, n_resamples=5000, method="percentile", random_state=6).confidence_interval
+    assert ours[0] == pytest.approx(theirs.low, abs=0.01) and ours[1] == pytest.approx(theirs.high, abs=0.01)
+    assert counts.sum(1).tolist() == [200] * 5000
+
+
+def candidate(item, signal, success=False, reward=0.5, beats=False, usable=True, greedy=False, trivial=False):
+    return {"item": item, "greedy": greedy, "usable": usable, "trivial_item": trivial,
+            "signals": {"s": signal}, "success": success, "reward": reward, "beats_nothing": beats}
+
+
+def test_top1_takes_the_expectation_over_a_tie():
+    groups = [[candidate("a", 1, True), candidate("a", 1, False), candidate("a", 0, False)],
+              [candidate("b", None, True), candidate("b", None, False)],  # scores none: a random pick
+              [candidate("c", 0.2, False), candidate("c", 0.9, True)]]
+    assert au.top1_values(groups, "s", "success").tolist() == [0.5, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("rule, values, kept", [
+    ("threshold", [0.4, 0.5, None], [False, True, False]),
+    ("passes", [1, 0, None], [True, False, False]),
+    ("ladder", [4 / 6, 0.5, 1.0], [True, False, True]),
+    ("group", [2, 2, 1, 0], [True, True, False, False]),
+    ("group", [1, 1, 0], [False, False, False]),  # no group of two: starved
+    ("rank", [None, -3.0, -1.0], [False, False, True]),
+    ("rank", [None, None], [False, False]),
+])
+def test_selection_rules(rule, values, kept):
+    assert au.keeps(rule, values, threshold=0.5, ladder_floor=au.ladder_floor(True)) == kept
+
+
+def test_figures_on_constructed_candidates():
+    """Two items (one trivial), a signal that ranks the working candidate first on each."""
+    records = [candidate("x", 0.9, True, 1.0, True), candidate("x", 0.1, False, 0.6),
+               candidate("x", 0.5, False, 0.7, greedy=True),
+               candidate("y", 0.8, True, 1.0, True, trivial=True), candidate("y", 0.2, True, 1.0, True, trivial=True),
+               candidate("y", 0.3, False, 0.6, greedy=True, trivial=True)]
+    figures = au.audit_figures(records, threshold=0.5, shellcheck_available=True, bootstrap=50)
+    s = figures["signals"]["s"]
+    assert (s["auroc"], s["top1_success"], s["top1_beats_nothing"]) == (1.0, 1.0, 1.0)
+    assert s["auroc_beats_nothing"] == 1.0  # positives 0.9, 0.8, 0.2 all above the negative 0.1
+    assert figures["nontrivial_items"] == 1 and figures["random_top1"] == 0.5
+    assert figures["greedy_success"] == 0.0 and figures["oracle_success"] == 1.0
+    assert figures["positives"] == {"success_nontrivial": 1, "success_nontrivial_usable": 1, "success_trivial": 2,
+                                    "beats_nothing": 3, "beats_nothing_usable": 3}
+    assert s["starved"] == 0.0 and s["tied"] == 0.0
+    # the do-nothing command's reward, where given, decides beats_nothing by the margin
+    margin = [r | {"nothing_reward": r["reward"] - 0.02} for r in records]
+    assert au.audit_figures(margin, threshold=0.5, shellcheck_available=True, bootstrap=10,
+                            margin=0.05)["positives"]["beats_nothing"] == 0
+    assert au.audit_figures(margin, threshold=0.5, shellcheck_available=True, bootstrap=10,
+                            margin=0.01)["positives"]["beats_nothing"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The ladder: commands that fail at each level, in the bash domain's file system
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sandbox():
+    try:
+        box = sb.Sandbox({"domain": (support.tasks.environment_script(support.tasks.builtin_domain("bash")), None)},
+                         workers=2, timeout_s=2.0)
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    with box:
+        yield box
+
+
+# (command, the first level it fails, or None: it climbs them all)
+LADDER_COMMANDS = [
+    ("echo 'unterminated", "parses"),
+    ("nosuchprogram /testbed", "programs_exist"),
+    ("[ -f /testbed/textfile7.txt]", "shellcheck_clean"),  # bash's [ runs, complains, exits 2
+    ("grep zzz_not_there /testbed/textfile7.txt", "exits_zero"),
+    ("grep -Q x /testbed/textfile7.txt || true", "no_usage_error"),
+    ("true", "effect"),
+    ("ls /testbed", None),
+]
+
+
+def test_each_level_of_the_ladder(sandbox):
+    if not support.shellcheck.shellcheck_available():
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    commands = [c for c, _ in LADDER_COMMANDS]
+    runs = sandbox.run_all(["domain"] * len(commands), commands)
+    clean = support.shellcheck.error_free(commands)
+    for (command, fails), run, ok in zip(LADDER_COMMANDS, runs, clean):
+        levels = isi.execution_ladder(run, isi.nl2bash.command_structure(command) is not None, ok)
+        climbed = au.LADDER.index(fails) if fails else len(au.LADDER)
+        assert [levels[name] for name in au.LADDER[:climbed]] == [True] * climbed, (command, levels)
+        assert fails is None or levels[fails] is False, (command, levels)
+        assert isi.ladder_score(levels) == pytest.approx(climbed / len(au.LADDER)), command
+    # without shellcheck its level is unavailable: skipped, and out of the count
+    levels = isi.execution_ladder(runs[-2], True, None)  # `true`: climbs 4 of the 5 levels left
+    assert isi.ladder_score(levels) == pytest.approx(4 / 5)
+
+
+def test_missing_shellcheck_is_unavailable_not_failed(monkeypatch):
+    monkeypatch.setattr(support.shellcheck, "shellcheck_available", lambda: False)
+    assert support.shellcheck.error_free(["ls"]) is None
+    assert au.ladder_floor(False) == pytest.approx(3 / 5) and au.ladder_floor(True) == pytest.approx(4 / 6)
+
+
+def test_agreement_sizes_count_same_passing_results(sandbox):
+    commands = ["ls /testbed", "ls /testbed", "ls  /testbed", "true", "nosuchprogram"]
+    runs = sandbox.run_all(["domain"] * len(commands), commands) + [None]
+    assert isi.agreement_sizes(runs) == [3, 3, 3, 0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihood signals: against a direct computation with the tiny model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    return isi.load_models(isi.Config(model=str(tiny_model_dir), scorer="lexical", lora_r=4))[0]
+
+
+def direct_mean_logprob(lm, example: dict) -> float:
+    """The answer's mean log-probability from one unbatched forward pass of the whole model."""
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0].float()
+    answer = [k for k, label in enumerate(example["labels"]) if label != -100]
+    logprobs = torch.log_softmax(logits, -1)
+    return float(np.mean([logprobs[k - 1, example["input_ids"][k]].item() for k in answer]))
+
+
+def test_coder_and_reviewer_equal_a_direct_computation(tiny_lm):
+    task = isi.Task("Count the lines of every .txt file under /testbed")
+    commands = ["wc -l /testbed/*.txt", "find /testbed -name '*.txt' | xargs wc -l", "ls"]
+    examples = [isi.command_example(tiny_lm.tokenizer, task, c) for c in commands] + [
+        isi.reviewer_example(tiny_lm.tokenizer, task.text, c) for c in commands]
+    batched = isi.answer_logprobs(tiny_lm, examples, batch_size=4)  # mixed lengths: padding
+    for example, value in zip(examples, batched):
+        assert value == pytest.approx(direct_mean_logprob(tiny_lm, example), abs=1e-4)
+    # the prompt is not scored: a longer prompt with the same answer gives another value
+    assert batched[0] != pytest.approx(batched[3], abs=1e-6)
+
+
+def test_certainty_is_the_mean_log_probability_of_the_sampled_tokens(tiny_lm):
+    """decode_batch's log-probabilities of the tokens it sampled (at temperature 0.7) are the
+    model's own (temperature 1), as a direct forward pass over prompt + tokens gives them."""
+    prompts = [isi.prompt_ids(tiny_lm.tokenizer, isi.command_request(isi.Task(text)))
+               for text in ("List the files in /testbed", "Count the lines of /testbed/a.txt")]
+    logprobs = []
+    with torch.inference_mode():
+        new_tokens, _, _ = support.decoder.decode_batch(
+            tiny_lm, prompts, copies=2, temperature=0.7, max_new_tokens=8, line_done=None,
+            generator=torch.Generator().manual_seed(1), logprobs=logprobs)
+    assert [len(row) for row in logprobs] == [len(row) for row in new_tokens]
+    for row, (tokens, values) in enumerate(zip(new_tokens, logprobs)):
+        if tokens:
+            direct = direct_mean_logprob(tiny_lm, isi.training_example(prompts[row // 2], tokens))
+            assert np.mean(values) == pytest.approx(direct, abs=1e-4)
+    generated = support.decoder.decode(tiny_lm, prompts, copies=2, temperature=0.7, max_new_tokens=8,
+                                       batch_size=8, seed=1, desc="t", with_logprobs=True)
+    assert len(generated.mean_logprobs) == 4 and all(v is None or v < 0 for v in generated.mean_logprobs)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the tiny model
+# ---------------------------------------------------------------------------------------------
+
+KNOWN = ["ls", "true", "ls -a", "find . -type f", "nosuchprogram", "Sure, here it is"]
+
+SIGNALS = {"inversion_embed", "inversion_lexical", "inversion_mix", "certainty", "coder", "reviewer",
+           "coder_reviewer", *au.LADDER, "ladder", "execution", "agreement", "ladder_itemfs", "execution_itemfs",
+           "agreement_itemfs"}
+
+FIGURE_KEYS = {"auroc", "auroc_ci", "auroc_beats_nothing", "auroc_beats_nothing_ci", "auroc_usable",
+               "auroc_usable_ci", "auroc_beats_nothing_usable", "auroc_beats_nothing_usable_ci", "spearman_reward",
+               "spearman_ci", "top1_success", "top1_ci", "starved", "tied", "seconds_per_candidate"}
+
+
+@pytest.fixture
+def known_commands(monkeypatch):
+    """The tiny model's text picks one of KNOWN (by its length): a listing succeeds on some
+    items, others fail or are no command at all, as a real model's would."""
+    monkeypatch.setattr(isi, "extract_command", lambda output: KNOWN[len(output) % len(KNOWN)])
+
+
+def audit_args(model_dir, output, *extra):
+    return ["audit", "--model", str(model_dir), "--output", str(output), "--name", "a", "--eval-limit", "6",
+            "--candidates", "3", "--chunk-items", "3", "--max-command-tokens", "6", "--max-inversion-tokens", "6",
+            "--bootstrap", "50", *extra]
+
+
+def candidates(audit_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (audit_dir / "audit_candidates.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "cost"} for r in rows]
+
+
+def figures_of(audit_dir) -> dict:
+    result = json.loads((audit_dir / "audit.json").read_text())
+    return {k: v for k, v in result.items() if k not in {"machine", "compute", "wall_s", "complete"}}
+
+
+def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tmp_path, known_commands, capsys):
+    try:
+        assert isi.main(audit_args(tiny_model_dir, tmp_path)) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    printed = capsys.readouterr().out
+    audit_dir = tmp_path / "a"
+    rows = candidates(audit_dir)
+    assert len(rows) == 6 * 4 and [r["greedy"] for r in rows[:4]] == [False, False, False, True]
+    for r in rows:
+        assert {"item", "fs", "query", "command", "greedy", "usable", "trivial_item", "signals", "success",
+                "reward", "beats_nothing"} <= set(r)
+        assert set(r["signals"]) == SIGNALS
+        assert r["usable"] == isi.is_usable_command(r["command"])
+        if not r["usable"]:  # not a command: nothing ran, the execution signals are 0
+            assert r["signals"]["ladder"] == 0 and r["signals"]["agreement_itemfs"] == 0
+        assert r["success"] == (abs(r["reward"] - 1) < 1e-6)
+    assert any(r["success"] for r in rows) and not all(r["success"] for r in rows)
+    result = json.loads((audit_dir / "audit.json").read_text())
+    assert set(result["signals"]) == SIGNALS
+    assert all(FIGURE_KEYS <= set(f) for f in result["signals"].values())
+    assert {"random_top1", "greedy_success", "oracle_success", "positives", "settings", "machine",
+            "wall_s"} <= set(result)
+    assert (audit_dir / "audit.png").stat().st_size > 10_000
+    assert all(name in printed for name in SIGNALS)
+    first = figures_of(audit_dir)
+    (audit_dir / "audit.json").unlink()
+    assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50"]) == 0
+    assert figures_of(audit_dir) == first
+
+
+@pytest.mark.slow
+def test_a_stopped_audit_continues_to_the_same_candidates(tiny_model_dir, tmp_path, known_commands, monkeypatch,
+                                                         capsys):
+    try:
+        assert isi.main(audit_args(tiny_model_dir, tmp_path / "straight")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    chunk, calls = isi.audit_chunk, []
+
+    def stopped_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return chunk(*args, **kwargs)
+    monkeypatch.setattr(isi, "audit_chunk", stopped_at_the_second)
+    assert isi.main(audit_args(tiny_model_dir, tmp_path / "stopped")) == 130
+    assert "run the same command to continue" in capsys.readouterr().err
+    assert len(candidates(tmp_path / "stopped" / "a")) == 3 * 4  # the first chunk, whole
+    monkeypatch.setattr(isi, "audit_chunk", chunk)
+    assert isi.main(audit_args(tiny_model_dir, tmp_path / "stopped")) == 0
+    assert "3 of 6 items done" in capsys.readouterr().out
+    assert candidates(tmp_path / "stopped" / "a") == candidates(tmp_path / "straight" / "a")
+    # other settings in the same directory are refused
+    assert isi.main(audit_args(tiny_model_dir, tmp_path / "stopped", "--temperature", "0.9")) == 2
+    assert "holds an audit with other settings" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--candidates", "0"], "--candidates must be positive"),
+    (["--bootstrap", "0"], "--bootstrap must be positive"),
+    (["--margin", "2"], "--margin must be in [0, 1]"),
+    (["--eval-fs", "9"], "--eval-fs must be file-system numbers"),
+    (["--domain", "pentest"], "the pentest domain has none"),
+    (["--adapter", "/nonexistent/checkpoint_cycle_1"], "no adapter there"),
+    (["--from", "/nonexistent/audit"], "not a readable audit"),
+])
+def test_bad_audit_input_is_one_line_before_anything_loads(extra, message, tmp_path, monkeypatch, capsys):
+    refuse_model_loading(monkeypatch)
+    assert isi.main(["audit", "--output", str(tmp_path), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_audit_without_sandbox_or_shellcheck(tiny_model_dir, tmp_path, known_commands, monkeypatch, capsys):
+    def unavailable(*args, **kwargs):
+        raise sb.SandboxUnavailable("bubblewrap cannot run here")
+    with monkeypatch.context() as patch:
+        refuse_model_loading(patch)
+        patch.setattr(isi, "Sandbox", unavailable)
+        assert isi.main(audit_args(tiny_model_dir, tmp_path)) == 2
+        assert "audit executes every candidate in the sandbox: bubblewrap" in one_line_error(capsys)
+    monkeypatch.setattr(support.shellcheck, "shellcheck_available", lambda: False)
+    try:
+        assert isi.main(audit_args(tiny_model_dir, tmp_path, "--eval-limit", "2", "--chunk-items", "2")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    assert "shellcheck is not installed" in capsys.readouterr().out
+    rows = candidates(tmp_path / "a")
+    assert all(r["signals"]["shellcheck_clean"] is None for r in rows)
+    assert json.loads((tmp_path / "a" / "audit.json").read_text())["shellcheck"] is False
