@@ -48,8 +48,7 @@ from pathlib import Path
 
 from support import UsageError, nl2bash
 from support.audit import LADDER
-from support.cpu_products import merged_adapter
-from support.decoder import decode
+from support.decoder import answer_logprobs, decode
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
@@ -1008,35 +1007,6 @@ def reviewer_example(tokenizer, task: str, command: str) -> dict:
     return training_example(
         prompt_ids(tokenizer, inversion_request(command)),
         tokenizer(task, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-
-
-def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) -> list[float]:
-    """Per example: the mean log-probability of its answer (its labelled tokens) given its
-    prompt, one forward pass each, batched; minus the example's training loss. Several
-    processes each score their share."""
-    import torch
-    base = lm.model.get_base_model()
-
-    def score(share: list[dict]) -> list[float]:
-        order = sorted(range(len(share)), key=lambda i: len(share[i]["input_ids"]))
-        values = [0.0] * len(share)
-        for first in range(0, len(order), batch_size):
-            chunk = order[first:first + batch_size]
-            batch = {k: v.to(lm.device)
-                     for k, v in collate([share[i] for i in chunk], lm.tokenizer.pad_token_id).items()}
-            hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"]).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            keep = targets != -100
-            logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-            picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
-            for i, row in zip(chunk, picked.split(keep.sum(1).tolist())):
-                values[i] = row.mean().item()
-        return values
-
-    lm.model.eval()
-    with torch.inference_mode(), merged_adapter(lm):
-        return lm.team.spread(score, examples)
 
 
 # ---------------------------------------------------------------------------------------------

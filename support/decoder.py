@@ -5,7 +5,7 @@ once for all its samples; a row leaves the batch as soon as it stops, so finishe
 nothing. Several processes each decode their share of the prompts.
 
 The rest may call: decode (all prompts of a stage), decode_batch (one batch), Generated,
-pick_tokens, shared_prefix_length.
+pick_tokens, shared_prefix_length, answer_logprobs (how probable given answers are).
 """
 import time
 from dataclasses import dataclass
@@ -195,3 +195,51 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temp
     pairs = [pair for copies_of_one in texts for pair in copies_of_one]
     return Generated([text for text, _ in pairs], totals[0], time.perf_counter() - start, totals[1],
                      [mean for _, mean in pairs] if with_logprobs else None)
+
+
+def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) -> list[float]:
+    """Per training example (input_ids, labels -100 on the prompt): the mean log-probability of
+    its answer (the labelled tokens) given its prompt, in one forward pass, batched: minus the
+    example's training loss. The prefix a batch's prompts share is run once (about half of a
+    prompt where measured), as in decode_batch. Several processes each score their share."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+    base = lm.model.get_base_model()
+    decoder, head, pad = base.get_decoder(), base.get_output_embeddings(), lm.tokenizer.pad_token_id
+
+    def score(batch: list[dict]) -> list[float]:
+        ids = [e["input_ids"] for e in batch]
+        first_answer = min(next(k for k, label in enumerate(e["labels"]) if label != -100) for e in batch)
+        shared = min(shared_prefix_length(ids), first_answer - 1)  # each answer token's predictor stays
+        cache = DynamicCache()
+        if shared > 0:
+            decoder(input_ids=torch.tensor([ids[0][:shared]], device=lm.device), past_key_values=cache,
+                    use_cache=True)
+            cache.batch_repeat_interleave(len(batch))
+        rest = [seq[shared:] for seq in ids]
+        width = max(map(len, rest))
+        hidden = decoder(
+            input_ids=torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=lm.device),
+            attention_mask=torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rest],
+                                        device=lm.device),
+            position_ids=torch.arange(shared, shared + width, device=lm.device).expand(len(batch), -1),
+            past_key_values=cache, use_cache=True).last_hidden_state
+        targets = torch.tensor([e["labels"][shared + 1:] + [-100] * (width - len(r))
+                                for e, r in zip(batch, rest)], device=lm.device)
+        keep = targets != -100
+        logits = head(hidden[:, :-1][keep]).float()
+        picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
+        return [row.mean().item() for row in picked.split(keep.sum(1).tolist())]
+
+    def score_share(share: list[dict]) -> list[float]:
+        order = sorted(range(len(share)), key=lambda i: len(share[i]["input_ids"]))
+        values = [0.0] * len(share)
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            for i, value in zip(chunk, score([share[i] for i in chunk])):
+                values[i] = value
+        return values
+
+    lm.model.eval()
+    with torch.inference_mode(), merged_adapter(lm):
+        return lm.team.spread(score_share, examples)
