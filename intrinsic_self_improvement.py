@@ -18,6 +18,10 @@ A fixed probe set, scored with greedy decoding after every cycle, gives a like-f
     # runs side by side: a table and one plot
     python intrinsic_self_improvement.py compare output/extended_run/*
 
+    # which label-free signal picks the commands that work? every signal against execution
+    # truth on NL2Bash, with intervals, before any training (docs/audit.md)
+    python intrinsic_self_improvement.py audit --candidates 4
+
     # one run across 4 GPUs (or: accelerate launch --multi_gpu --num_processes 4 intrinsic_...)
     torchrun --nproc_per_node 4 -- intrinsic_self_improvement.py \
         --model mistralai/Mistral-7B-Instruct-v0.2
@@ -188,8 +192,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="intrinsic_self_improvement.py", description=__doc__.split("\n\n")[0],
-        epilog="Subcommand: 'intrinsic_self_improvement.py compare RUN_DIR [RUN_DIR ...]' puts runs "
-        "side by side, a table and one plot (see 'compare --help').",
+        epilog="Subcommands: 'intrinsic_self_improvement.py compare RUN_DIR [RUN_DIR ...]' puts runs "
+        "side by side, a table and one plot (see 'compare --help'); 'intrinsic_self_improvement.py "
+        "audit' scores every label-free signal against execution truth on NL2Bash (see 'audit --help').",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     add_config_flags(parser, [f.name for f in dataclasses.fields(Config)])
     return parser
@@ -1302,6 +1307,9 @@ def audit_parser() -> argparse.ArgumentParser:
                         "and LoRA shape come from the run; --judge frozen makes the base model judge)")
     parser.add_argument("--from", dest="from_dir", default=None, metavar="AUDIT_DIR",
                         help="recompute the figures, table and plot from an audit's candidates file")
+    parser.add_argument("--against", default=None, metavar="AUDIT_DIR",
+                        help="with --from: each signal's change from this audit of the same items "
+                        "(say, the untrained model's) to --from's, with paired bootstrap intervals")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws over items")
     parser.add_argument("--margin", type=float, default=None,
                         help="beats_nothing: reward at least this above the do-nothing command's "
@@ -1313,6 +1321,8 @@ def audit_parser() -> argparse.ArgumentParser:
 
 def parse_audit_args(argv: list[str]) -> argparse.Namespace:
     args = audit_parser().parse_args(argv)
+    if args.against is not None and args.from_dir is None:
+        raise UsageError("--against compares with --from's audit: give both")
     if args.margin is not None and not 0 <= args.margin <= 1:
         raise UsageError(f"--margin must be in [0, 1], got {args.margin}")
     for name in ("bootstrap", "chunk_items"):
@@ -1560,7 +1570,19 @@ def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
     if not rows:
         raise UsageError(f"--from {audit_dir}: the audit has no candidates yet")
     kept = {k: meta[k] for k in ("machine", "compute", "wall_s", "complete") if k in meta}
-    return finish_audit(audit_dir, rows, settings, kept, args)
+    try:
+        before = None if args.against is None else read_jsonl(Path(args.against) / "audit_candidates.jsonl")
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--against {args.against}: not a readable audit ({err})") from None
+    result = finish_audit(audit_dir, rows, settings, kept, args)
+    if before is not None:
+        from support.audit import BEATS_NOTHING_MARGIN, changes_table, paired_changes
+        changes = paired_changes(before, rows, bootstrap=args.bootstrap, seed=settings["seed"],
+                                 margin=BEATS_NOTHING_MARGIN if args.margin is None else args.margin)
+        write_json(audit_dir / "audit_changes.json", changes | {"against": str(args.against)})
+        print(changes_table(changes))
+        print(f"wrote {audit_dir / 'audit_changes.json'}", flush=True)
+    return result
 
 
 def run_audit(cfg: Config, args: argparse.Namespace, team: Team) -> dict:

@@ -10,6 +10,8 @@ script.
     tasks.py          task domains (domains/*.json and --tasks-file) and their file systems
     sandbox.py        the bubblewrap sandbox every generated command runs in
     nl2bash.py        the NL2Bash benchmark: items, InterCode's reward, NLC2CMD
+    audit.py          the audit's figures: AUROC, Spearman, top-1, bootstrap intervals; table, plot
+    shellcheck.py     the static analyser, one level of the execution ladder
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them, so the
 CLI answers --help and bad input at once.

@@ -10,7 +10,7 @@ with it), the same draws for every signal. A signal that abstains on a candidate
 below every candidate it scored.
 
 The rest may call: auroc, beats_nothing, auroc_draws, spearman_draws, item_draws, interval, top1_values,
-keeps, audit_figures, audit_table, plot_audit, SIGNAL_RULES, LADDER, BEATS_NOTHING_MARGIN.
+keeps, audit_figures, audit_table, plot_audit, paired_changes, changes_table, SIGNAL_RULES, LADDER, BEATS_NOTHING_MARGIN.
 """
 import math
 from pathlib import Path
@@ -261,6 +261,72 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
         "beats_nothing_margin": margin, "threshold": threshold,
         "shellcheck": shellcheck_available,
     }
+
+
+def paired_changes(before: list[dict], after: list[dict], *, bootstrap: int = 1000, seed: int = 0,
+                   margin: float = BEATS_NOTHING_MARGIN) -> dict:
+    """Two audits of the same items (say, before and after training): per signal in both, the
+    change of its AUROC for beats_nothing, of its AUROC for success (items where doing nothing
+    does not succeed), and of its top-1 beats_nothing, with a paired bootstrap over the items:
+    each draw takes the same items from both audits."""
+    def prepared(records):
+        records = [r | {"beats_nothing": beats_nothing(r["reward"], r["nothing_reward"], margin)}
+                   if "nothing_reward" in r else r for r in records]
+        items, groups, _ = by_item(records)
+        return dict(zip(items, groups))
+    first, second = prepared(before), prepared(after)
+    items = [i for i in first if i in second]
+    counts = item_draws(len(items), bootstrap, seed)
+    full = np.ones((1, len(items)), int)
+
+    def figure(groups, name):
+        """(point, per-draw values) of the three figures over `items`."""
+        flat = [c for i in items for c in groups[i]]
+        item_of = np.repeat(np.arange(len(items)), [len(groups[i]) for i in items])
+        scores = ranked([c["signals"].get(name) for c in flat])
+        hard = np.array([not c["trivial_item"] for c in flat])
+        beats = np.array([c["beats_nothing"] for c in flat], bool)
+        success = np.array([c["success"] for c in flat], bool)
+        top1 = top1_values([groups[i] for i in items], name, "beats_nothing")
+        out = {}
+        for key, weights in (("point", full), ("draws", counts)):
+            w = weights[:, item_of]
+            out[key] = {"auroc_beats_nothing": auroc_draws(scores, beats, w),
+                        "auroc": auroc_draws(scores[hard], success[hard], w[:, hard]),
+                        "top1_beats_nothing": (weights * top1).sum(1) / weights.sum(1)}
+        return out
+    names = [n for n in signal_names(before) if n in signal_names(after)]
+    changes = {}
+    for name in names:
+        a, b = figure(first, name), figure(second, name)
+        changes[name] = {}
+        for key in ("auroc_beats_nothing", "auroc", "top1_beats_nothing"):
+            point = b["point"][key][0] - a["point"][key][0]
+            changes[name][key] = {"before": rounded(a["point"][key][0]), "after": rounded(b["point"][key][0]),
+                                  "change": rounded(point),
+                                  "change_ci": interval(b["draws"][key] - a["draws"][key])}
+    return {"items": len(items), "bootstrap": {"draws": bootstrap, "seed": seed, "over": "items, paired"},
+            "signals": changes}
+
+
+def changes_table(changes: dict) -> str:
+    """The printed table of paired_changes."""
+    header = ("signal", "AUROC beats_nothing: before -> after, change [95%]", "AUROC success",
+              "top-1 beats_nothing")
+    rows = [header]
+    for name, figures in changes["signals"].items():
+        cells = [name]
+        for key in ("auroc_beats_nothing", "auroc", "top1_beats_nothing"):
+            f = figures[key]
+            if f["change"] is None:
+                cells.append("n/a")
+            else:
+                ci = f" [{f['change_ci'][0]:+.2f}, {f['change_ci'][1]:+.2f}]" if f["change_ci"] else ""
+                cells.append(f"{f['before']:.3f} -> {f['after']:.3f}, {f['change']:+.3f}{ci}")
+        rows.append(tuple(cells))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    lines = [f"{changes['items']} items in both audits; paired bootstrap over items"]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows])
 
 
 # --- the table and the plot -------------------------------------------------------------------

@@ -290,6 +290,11 @@ def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tm
     (audit_dir / "audit.json").unlink()
     assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50"]) == 0
     assert figures_of(audit_dir) == first
+    # against itself: every change is 0
+    assert isi.main(["audit", "--from", str(audit_dir), "--against", str(audit_dir), "--bootstrap", "20"]) == 0
+    changes = json.loads((audit_dir / "audit_changes.json").read_text())
+    assert changes["items"] == 6 and all(f["change"] in (0.0, None) for s in changes["signals"].values()
+                                         for f in s.values())
 
 
 @pytest.mark.slow
@@ -327,6 +332,7 @@ def test_a_stopped_audit_continues_to_the_same_candidates(tiny_model_dir, tmp_pa
     (["--domain", "pentest"], "the pentest domain has none"),
     (["--adapter", "/nonexistent/checkpoint_cycle_1"], "no adapter there"),
     (["--from", "/nonexistent/audit"], "not a readable audit"),
+    (["--against", "/nonexistent/audit"], "--against compares with --from's audit"),
 ])
 def test_bad_audit_input_is_one_line_before_anything_loads(extra, message, tmp_path, monkeypatch, capsys):
     refuse_model_loading(monkeypatch)
@@ -352,3 +358,24 @@ def test_an_audit_without_sandbox_or_shellcheck(tiny_model_dir, tmp_path, known_
     rows = candidates(tmp_path / "a")
     assert all(r["signals"]["shellcheck_clean"] is None for r in rows)
     assert json.loads((tmp_path / "a" / "audit.json").read_text())["shellcheck"] is False
+
+
+def test_paired_changes_on_constructed_audits():
+    """A signal that ranks the working candidate first before, and last after: its AUROC falls
+    from 1 to 0 on every draw; a signal unchanged has change 0 and a zero-width interval."""
+    def audit(flip):
+        rows = []
+        for item in "abcdef":
+            for k, works in enumerate([True, False, False]):
+                score = (0.9 if works else 0.1 * k) * (-1 if flip else 1)
+                rows.append({"item": item, "greedy": False, "usable": True, "trivial_item": False,
+                             "signals": {"s": score, "same": float(k)}, "success": works, "reward": 1.0 if works else 0.6,
+                             "nothing_reward": 0.6})
+        return rows
+    changes = au.paired_changes(audit(False), audit(True), bootstrap=100)
+    s = changes["signals"]["s"]["auroc_beats_nothing"]
+    assert (s["before"], s["after"], s["change"], s["change_ci"]) == (1.0, 0.0, -1.0, [-1.0, -1.0])
+    assert changes["signals"]["s"]["top1_beats_nothing"]["change"] == -1.0
+    same = changes["signals"]["same"]["auroc"]
+    assert same["change"] == 0.0 and same["change_ci"] == [0.0, 0.0]
+    assert changes["items"] == 6 and "s" in au.changes_table(changes)

@@ -18,14 +18,17 @@ def cli(*args, cwd=None):
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_help_documents_every_flag_and_the_compare_subcommand():
+def test_help_documents_every_flag_and_the_subcommands():
     result = cli("--help")
     assert result.returncode == 0
     for f in dataclasses.fields(isi.Config):
         assert "--" + f.name.replace("_", "-") in result.stdout
-    assert "compare RUN_DIR" in result.stdout
+    assert "compare RUN_DIR" in result.stdout and "audit --help" in result.stdout
     compare = cli("compare", "--help")
     assert compare.returncode == 0 and "--eval-fs" in compare.stdout
+    audit = cli("audit", "--help")
+    for flag in ("--candidates", "--adapter", "--from", "--judge", "--bootstrap", "--margin", "--eval-limit"):
+        assert flag in audit.stdout, flag
 
 
 @pytest.mark.parametrize("args, message", [

@@ -160,3 +160,22 @@ def test_shares_of_a_batch_sum_to_its_loss_and_gradient(tiny_model_dir):
         team_loss, team_grad = loss_and_gradient([batch[rank::size] for rank in range(size)])
         assert team_loss == pytest.approx(whole, rel=1e-5)
         assert torch.allclose(team_grad, whole_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_an_audit_split_across_two_processes(tiny_model_dir, tmp_path):
+    """Two processes share the items and candidates; the main one writes each file; the greedy
+    candidates (the same in any split) and every truth match an audit in one process."""
+    args = ["audit", "--model", str(tiny_model_dir), "--name", "a", "--eval-limit", "4", "--candidates", "2",
+            "--chunk-items", "2", "--max-command-tokens", "6", "--max-inversion-tokens", "6", "--bootstrap", "20"]
+    done = launch("torchrun", args + ["--output", str(tmp_path / "team")], tmp_path / "log")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert isi.main(args + ["--output", str(tmp_path / "alone")]) == 0
+    assert committed(tmp_path / "log.0", tmp_path / "team" / "a").count("audit_candidates.jsonl") == 2
+    assert not (tmp_path / "log.1").exists() or not (tmp_path / "log.1").read_text()
+
+    def greedy(root):
+        rows = [json.loads(line) for line in (root / "a" / "audit_candidates.jsonl").read_text().splitlines()]
+        return [(r["item"], r["command"], r["reward"], r["success"], r["signals"]["ladder"])
+                for r in rows if r["greedy"]]
+    assert len(greedy(tmp_path / "team")) == 4 and greedy(tmp_path / "team") == greedy(tmp_path / "alone")
+    assert json.loads((tmp_path / "team" / "a" / "audit.json").read_text())["items"] == 4
