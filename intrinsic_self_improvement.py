@@ -1680,9 +1680,12 @@ def compare(argv: list[str]) -> None:
     parser.add_argument("--plot", default="output/comparison.png", help="where to write the plot")
     parser.add_argument("--eval-fs", default=None,
                         help="NL2Bash figures over these file systems only, e.g. 3,4,5")
+    parser.add_argument("--baseline", default=None, metavar="RUN_DIR",
+                        help="the run whose eval_cycle_0.jsonl is the untrained model's evaluation "
+                        "(default: the first run given that has one)")
     args = parser.parse_args(argv)
     groups = None if args.eval_fs is None else eval_groups(Config(eval_fs=args.eval_fs))
-    print(compare_runs(args.run_dirs, Path(args.plot), groups))
+    print(compare_runs(args.run_dirs, Path(args.plot), groups, args.baseline))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,9 +208,54 @@ def experiment_kind(config: dict) -> dict:
             **{key: config.get(key) for key in ("select", "data", "judge", "scorer")}}
 
 
-def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None) -> str:
+def evaluated_items(path: Path, groups: tuple[int, ...] | None) -> dict:
+    """{item id: (success, reward)} of an eval_cycle_N.jsonl, over `groups` when given."""
+    return {r["id"]: (bool(r["success"]), float(r["reward"])) for r in read_jsonl(path)
+            if groups is None or int(r["id"].split("-")[0].removeprefix("fs")) in groups}
+
+
+def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
+                   groups: tuple[int, ...] | None) -> list[str]:
+    """Each kind of run (its seeds' final evaluations) against the untrained model on the same
+    items: eval_cycle_0.jsonl of --baseline, or of the first run that has one."""
+    from support.statistics import against_baseline
+    candidates = [baseline] if baseline is not None else list(runs)
+    path = next((Path(d) / "eval_cycle_0.jsonl" for d in candidates if (Path(d) / "eval_cycle_0.jsonl").is_file()),
+                None)
+    if path is None:
+        if baseline is not None:
+            raise UsageError(f"compare: --baseline {baseline} holds no eval_cycle_0.jsonl (the untrained model's "
+                             f"evaluation)")
+        return []
+    base = evaluated_items(path, groups)
+    lines = ["", f"against the untrained model ({path}), final evaluations; per item the mean over seeds; "
+             "95% bootstrap intervals over items (paired for the change); McNemar's exact test per seed "
+             "(items only the arm solves / only the untrained model solves, p):"]
+    for key, dirs in groups_of_runs.items():
+        finals = [Path(d) / f"eval_cycle_{len(runs[d]['cycles'])}.jsonl" for d in dirs if runs[d]["cycles"]]
+        if not finals or not all(f.is_file() for f in finals):
+            continue
+        try:
+            f = against_baseline([evaluated_items(p, groups) for p in finals], base)
+        except ValueError:
+            continue
+        kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
+        tests = ", ".join(f"{t['only_treated']}/{t['only_control']} p={t['p']:.2f}" for t in f["mcnemar"])
+        lines.append(
+            f"  {kind} ({f['seeds']} seeds, {f['items']} items): success {f['success']:.3f} "
+            f"[{f['success_ci'][0]:.3f}, {f['success_ci'][1]:.3f}] against {f['success_baseline']:.3f}, change "
+            f"{f['success_change']:+.3f} [{f['success_change_ci'][0]:+.3f}, {f['success_change_ci'][1]:+.3f}]; "
+            f"reward {f['reward']:.3f} against {f['reward_baseline']:.3f}, change {f['reward_change']:+.3f} "
+            f"[{f['reward_change_ci'][0]:+.3f}, {f['reward_change_ci'][1]:+.3f}]; McNemar {tests}")
+    return lines
+
+
+def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None,
+                 baseline: str | None = None) -> str:
     """A table of runs side by side, and groups of runs that differ only by seed, averaged. With
-    `groups`, the NL2Bash figures are over the items of those file systems only."""
+    `groups`, the NL2Bash figures are over the items of those file systems only. Where the runs
+    were evaluated, each kind of run against the untrained model (`baseline`'s eval_cycle_0.jsonl,
+    or the first run's that has one), paired on the same items."""
     runs = {d: load_run(d)["history"] for d in run_dirs}
     columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "exec pass N", "copy N",
                "eval success 0->N", "eval reward 0->N", "NLC2CMD 0->N"]
@@ -248,6 +293,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
                           (("success", "success_rate"), ("reward", "mean_reward"), ("NLC2CMD", "nlc2cmd"))]
             kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
             lines.append(f"  {kind} ({len(dirs)} seeds): " + ", ".join(parts))
+    lines += baseline_lines(runs, groups_of_runs, baseline, groups)
 
     import matplotlib
     matplotlib.use("Agg")

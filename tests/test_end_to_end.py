@@ -173,6 +173,8 @@ def test_compare_runs(tiny_model_dir, tmp_path):
     assert "differ only by seed" in text and "(2 seeds)" in text and "±" in text
     assert plot.stat().st_size > 10_000
     assert isi.main(["compare", str(tmp_path / "missing")]) == 2
+    assert "against the untrained model" not in text  # no run was evaluated
+    assert isi.main(["compare", *runs, "--baseline", runs[0]]) == 2  # it holds no eval_cycle_0.jsonl
 
 
 @pytest.mark.parametrize("damage", ['{"history": ', "", '{"last_completed_cycle": 1}', '{"history": {"cycles": 3}}'])
@@ -212,6 +214,9 @@ def test_bash_domain_with_nl2bash_evaluation(tiny_model_dir, tmp_path):
         assert figures_there["mean_reward"] == pytest.approx(sum(r["reward"] for r in chosen) / len(chosen))
     table = support.reports.compare_runs([str(run_dir)], tmp_path / "cmp.png", (3, 4, 5))
     assert "file systems 3, 4, 5" in table
+    # against the untrained model (eval_cycle_0.jsonl), paired on the same items
+    against = [line for line in table.splitlines() if line.startswith("  ") and "McNemar" in line]
+    assert len(against) == 1 and f"({len(chosen)} items)" in against[0].replace("1 seeds, ", "")
     assert support.reports.eval_figures(str(run_dir), history, 2, None) == history["cycles"][1]["eval"]
 
 

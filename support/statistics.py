@@ -1,0 +1,59 @@
+"""Statistics that can tell arms apart on the same benchmark items: means with percentile
+bootstrap intervals over items, the paired difference of two models on the same items, and
+McNemar's exact test on paired successes.
+
+The rest may call: bootstrap_mean, paired_difference, mcnemar_exact, against_baseline.
+"""
+import numpy as np
+
+
+def bootstrap_mean(values, draws: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
+    """The mean of per-item values and its 95% percentile interval, items drawn with replacement."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        raise ValueError("no items")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(draws, len(values)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), [float(low), float(high)]
+
+
+def paired_difference(treated, control, draws: int = 2000, seed: int = 0) -> tuple[float, list[float]]:
+    """Mean of treated - control over the same items (in the same order), with its 95% paired
+    bootstrap interval (an item's two values are drawn together)."""
+    treated, control = np.asarray(treated, float), np.asarray(control, float)
+    if treated.shape != control.shape:
+        raise ValueError(f"paired values need the same items: {treated.shape} and {control.shape}")
+    return bootstrap_mean(treated - control, draws, seed)
+
+
+def mcnemar_exact(treated: list[bool], control: list[bool]) -> dict:
+    """McNemar's exact test on paired successes: b items only the treated model solves, c only
+    the control; two-sided p of b given b + c under Binomial(b + c, 1/2)."""
+    from scipy.stats import binom
+    if len(treated) != len(control):
+        raise ValueError(f"paired successes need the same items: {len(treated)} and {len(control)}")
+    b = sum(bool(t) and not bool(c) for t, c in zip(treated, control))
+    c = sum(bool(c) and not bool(t) for t, c in zip(treated, control))
+    p = 1.0 if b + c == 0 else min(1.0, 2 * float(binom.cdf(min(b, c), b + c, 0.5)))
+    return {"only_treated": b, "only_control": c, "p": p}
+
+
+def against_baseline(seed_runs: list[dict], baseline: dict, draws: int = 2000, seed: int = 0) -> dict:
+    """An arm's final evaluation over seeds against a baseline model on the same items. Each run
+    and the baseline: {item id: (success, reward)}. Items: those every run and the baseline hold.
+    Per arm: success and reward (per item, the mean over seeds) with intervals; their paired
+    differences from the baseline; and McNemar's exact test per seed."""
+    items = sorted(set(baseline).intersection(*seed_runs))
+    if not items:
+        raise ValueError("no item is evaluated in every run and in the baseline")
+    per_item = {k: np.array([[run[i][k] for i in items] for run in seed_runs], float).mean(0) for k in (0, 1)}
+    base = {k: np.array([baseline[i][k] for i in items], float) for k in (0, 1)}
+    out = {"items": len(items), "seeds": len(seed_runs)}
+    for k, name in ((0, "success"), (1, "reward")):
+        out[name], out[f"{name}_ci"] = bootstrap_mean(per_item[k], draws, seed)
+        out[f"{name}_baseline"] = float(base[k].mean())
+        out[f"{name}_change"], out[f"{name}_change_ci"] = paired_difference(per_item[k], base[k], draws, seed)
+    out["mcnemar"] = [mcnemar_exact([run[i][0] for i in items], [baseline[i][0] for i in items])
+                      for run in seed_runs]
+    return out
