@@ -201,6 +201,7 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
 
     hard_items = ~trivial
     all_items = np.ones(n_items, bool)
+    share = lambda truth: np.array([np.mean([float(c[truth]) for c in g]) for g in groups])  # noqa: E731
     figures = {}
     floor = ladder_floor(shellcheck_available)
     for name in signal_names(records):
@@ -212,6 +213,8 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
         rho = spearman_draws(scores, reward, [np.arange(len(flat))])[0]
         top1, top1_ci = item_mean(top1_values(groups, name, "success"), hard_items)
         top1_b, top1_b_ci = item_mean(top1_values(groups, name, "beats_nothing"), all_items)
+        gain, gain_ci = item_mean(top1_values(groups, name, "beats_nothing") - share("beats_nothing"),
+                                  all_items)
         rule = SIGNAL_RULES.get(name, "rank")
         kept = [keeps(rule, [c["signals"].get(name) for c in g], threshold, floor) for g in groups]
         values = [[c["signals"].get(name) for c in g] for g in groups]
@@ -224,13 +227,13 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
             "spearman_ci": interval(spearman_draws(scores, reward, index_draws)),
             "top1_success": top1, "top1_ci": top1_ci,
             "top1_beats_nothing": top1_b, "top1_beats_nothing_ci": top1_b_ci,
+            "top1_gain_beats_nothing": gain, "top1_gain_beats_nothing_ci": gain_ci,
             "rule": rule,
             "starved": rounded(np.mean([not any(k) for k in kept])),
             "tied": rounded(np.mean([len({v for v in vs}) == 1 for vs in values])),
             "seconds_per_candidate": (round(float(np.mean([c for c in cost if c is not None])), 5)
                                       if any(c is not None for c in cost) else None),
         }
-    share = lambda truth: np.array([np.mean([c[truth] for c in g]) for g in groups])  # noqa: E731
     anyone = lambda truth: np.array([float(any(c[truth] for c in g)) for g in groups])  # noqa: E731
     greedy_of = lambda truth: np.array([float(greedy[i][truth]) if i in greedy else np.nan  # noqa: E731
                                         for i in items])
@@ -356,7 +359,7 @@ def audit_table(figures: dict) -> str:
         "",
     ]
     header = ("signal", "AUROC success", "AUROC beats_nothing", "  among usable", "Spearman reward",
-              "top-1 success", "top-1 beats_nothing", "starved", "tied", "s/cand")
+              "top-1 success", "top-1 beats_nothing", "  gain on random", "starved", "tied", "s/cand")
     rows = [header]
     for name, f in figures["signals"].items():
         rows.append((name, with_interval(f["auroc"], f["auroc_ci"]),
@@ -365,6 +368,7 @@ def audit_table(figures: dict) -> str:
                      with_interval(f["spearman_reward"], f["spearman_ci"]),
                      with_interval(f["top1_success"], f["top1_ci"]),
                      with_interval(f["top1_beats_nothing"], f["top1_beats_nothing_ci"]),
+                     with_interval(f["top1_gain_beats_nothing"], f["top1_gain_beats_nothing_ci"]),
                      f"{f['starved']:.2f}", f"{f['tied']:.2f}",
                      "n/a" if f["seconds_per_candidate"] is None else f"{f['seconds_per_candidate']:.4f}"))
     widths = [max(len(str(row[k])) for row in rows) for k in range(len(header))]

@@ -108,6 +108,7 @@ def test_figures_on_constructed_candidates():
     assert figures["positives"] == {"success_nontrivial": 1, "success_nontrivial_usable": 1, "success_trivial": 2,
                                     "beats_nothing": 3, "beats_nothing_usable": 3}
     assert s["starved"] == 0.0 and s["tied"] == 0.0
+    assert s["top1_gain_beats_nothing"] == 0.25  # x: 1 - 1/2; y: 1 - 1
     # the do-nothing command's reward, where given, decides beats_nothing by the margin
     margin = [r | {"nothing_reward": r["reward"] - 0.02} for r in records]
     assert au.audit_figures(margin, threshold=0.5, shellcheck_available=True, bootstrap=10,
@@ -235,7 +236,8 @@ SIGNALS = {"inversion_embed", "inversion_lexical", "inversion_mix", "certainty",
 
 FIGURE_KEYS = {"auroc", "auroc_ci", "auroc_beats_nothing", "auroc_beats_nothing_ci", "auroc_usable",
                "auroc_usable_ci", "auroc_beats_nothing_usable", "auroc_beats_nothing_usable_ci", "spearman_reward",
-               "spearman_ci", "top1_success", "top1_ci", "starved", "tied", "seconds_per_candidate"}
+               "spearman_ci", "top1_success", "top1_ci", "top1_gain_beats_nothing", "starved", "tied",
+               "seconds_per_candidate"}
 
 
 @pytest.fixture
