@@ -1310,6 +1310,9 @@ def audit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against", default=None, metavar="AUDIT_DIR",
                         help="with --from: each signal's change from this audit of the same items "
                         "(say, the untrained model's) to --from's, with paired bootstrap intervals")
+    parser.add_argument("--truth-again", action="store_true",
+                        help="with --from: execute the candidates again against the gold commands "
+                        "(the execution truth only: no model is loaded)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws over items")
     parser.add_argument("--margin", type=float, default=None,
                         help="beats_nothing: reward at least this above the do-nothing command's "
@@ -1321,8 +1324,9 @@ def audit_parser() -> argparse.ArgumentParser:
 
 def parse_audit_args(argv: list[str]) -> argparse.Namespace:
     args = audit_parser().parse_args(argv)
-    if args.against is not None and args.from_dir is None:
-        raise UsageError("--against compares with --from's audit: give both")
+    for name in ("against", "truth_again"):
+        if getattr(args, name) and args.from_dir is None:
+            raise UsageError(f"--{name.replace('_', '-')} goes with --from AUDIT_DIR")
     if args.margin is not None and not 0 <= args.margin <= 1:
         raise UsageError(f"--margin must be in [0, 1], got {args.margin}")
     for name in ("bootstrap", "chunk_items"):
@@ -1417,10 +1421,25 @@ def execution_signals(runs: list, parses: list, clean: list, shellcheck: bool,
     return values
 
 
-def run_on_items(cfg: Config, team: Team, items: list[dict], commands: list[list[str]]):
-    """Each item's commands in the item's own file system, with the do-nothing command `true`
-    and the gold command (run afresh: time-relative golds age). Per item: (`true`'s reward, the
-    candidates' runs, their rewards)."""
+SHELL_COMPLAINT = re.compile(r"^(?:/bin/)?(?:ba)?sh: (?:-c: )?line \d+: .*$\n?", re.M)
+
+
+def without_shell_complaints(run):
+    """The run with bash's own error lines ("bash: line 1: X: command not found", syntax errors)
+    taken out of its output: what is left is what the programs it ran printed."""
+    return dataclasses.replace(run, output=SHELL_COMPLAINT.sub("", run.output))
+
+
+def execution_truth(cfg: Config, team: Team, items: list[dict], commands: list[list[str]]):
+    """Each item's commands in the item's own file system, beside the gold command (run afresh:
+    time-relative golds age) and the do-nothing command `true`. Per item: the runs, and per
+    command its truth: InterCode's reward and success; `beats_reward`, the reward of its output
+    without bash's own complaints (an error message that shares a word with the gold output is
+    not doing what was asked); `nothing_reward`; and `gold_broken` when the gold command's
+    program is missing here (then any error message matches the gold's, and the item is out of
+    the figures)."""
+    from support.audit import beats_nothing
+
     def share_runs(share: list[dict], lists: list[list[str]]) -> list[tuple]:
         with nl2bash.Evaluator(share, workers=sandbox_workers(cfg, team)) as evaluator:
             nothing = evaluator.run_items(["true"] * len(share))
@@ -1429,8 +1448,18 @@ def run_on_items(cfg: Config, team: Team, items: list[dict], commands: list[list
         out = []
         for k, gold in enumerate(evaluator.gold_runs):
             mine = [run for (j, _), run in zip(flat, runs) if j == k]
-            out.append((nl2bash.intercode_reward(gold, nothing[k]), mine,
-                        [nl2bash.intercode_reward(gold, run) for run in mine]))
+            nothing_reward = nl2bash.intercode_reward(gold, nothing[k])
+            broken = execution_verdict(gold) == "program not found"
+            truths = []
+            for run in mine:
+                reward = nl2bash.intercode_reward(gold, run)
+                beats = nl2bash.intercode_reward(gold, without_shell_complaints(run))
+                truths.append({"success": nl2bash.is_success(reward), "reward": reward,
+                               "beats_reward": beats, "nothing_reward": nothing_reward,
+                               "beats_nothing": beats_nothing(beats, nothing_reward),
+                               "trivial_item": nl2bash.is_success(nothing_reward),
+                               "gold_broken": broken})
+            out.append((mine, truths))
         return out
     return team.spread(lambda share, lists: team.together(lambda: share_runs(share, lists),
                                                           SandboxUnavailable), items, commands)
@@ -1440,7 +1469,6 @@ def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[d
                 shellcheck: bool) -> list[dict]:
     """Every candidate of some items (K sampled and the greedy one, in that order per item) with
     every label-free signal, and its execution truth against the gold command."""
-    from support.audit import beats_nothing
     from support.shellcheck import error_free
     seed, label, k = stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
     tasks, seconds = [Task(item["query"]) for item in items], {}
@@ -1485,22 +1513,20 @@ def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[d
         domain_runs[i] = run
     seconds["execution"] = time.perf_counter() - started
     started = time.perf_counter()
-    truth = run_on_items(cfg, lm.team, items, [[r["command"] for r in rows[j:j + k + 1]]
-                                               for j in range(0, len(rows), k + 1)])
+    truth = execution_truth(cfg, lm.team, items, [[r["command"] for r in rows[j:j + k + 1]]
+                                                  for j in range(0, len(rows), k + 1)])
     seconds["execution_itemfs"] = time.perf_counter() - started
-    for j, (nothing, item_runs, rewards) in zip(range(0, len(rows), k + 1), truth):
+    for j, (item_runs, truths) in zip(range(0, len(rows), k + 1), truth):
         span = range(j, j + k + 1)
         runs_itemfs = [run if rows[i]["usable"] else None for i, run in zip(span, item_runs)]
         domain = execution_signals([domain_runs[i] for i in span], [parses[i] for i in span],
                                    [clean[i] for i in span], shellcheck)
         itemfs = execution_signals(runs_itemfs, [parses[i] for i in span], [clean[i] for i in span],
                                    shellcheck, suffix="_itemfs")
-        for i, reward, d, f in zip(span, rewards, domain, itemfs):
+        for i, t, d, f in zip(span, truths, domain, itemfs):
             rows[i]["signals"] |= likelihood[i] | d | f
-            rows[i] |= {"trivial_item": nl2bash.is_success(nothing), "success": nl2bash.is_success(reward),
-                        "reward": reward, "nothing_reward": nothing,
-                        "beats_nothing": beats_nothing(reward, nothing),
-                        "verdict": "unusable" if domain_runs[i] is None else execution_verdict(domain_runs[i])}
+            rows[i] |= t | {"verdict": "unusable" if domain_runs[i] is None
+                            else execution_verdict(domain_runs[i])}
     cost = audit_costs(seconds, len(rows))
     return [r | {"cost": cost} for r in rows]
 
@@ -1559,6 +1585,33 @@ def finish_audit(audit_dir: Path, rows: list[dict], settings: dict, meta: dict,
     return result
 
 
+def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]:
+    """Every candidate executed again against its item's gold command, its truth fields replaced
+    (its signals kept); the candidates file rewritten."""
+    per_item = settings["candidates"] + 1
+    wanted = {r["item"] for r in rows}
+    try:
+        items = [i for i in nl2bash.load_items() if i["id"] in wanted]
+    except SandboxUnavailable as err:
+        raise UsageError(f"--truth-again: {err}") from None
+    if [i["id"] for i in items] != [r["item"] for r in rows[::per_item]]:
+        raise UsageError(f"--truth-again: {audit_dir} does not hold {per_item} candidates per item in order")
+    started, updated = time.perf_counter(), []
+    for first in range(0, len(items), settings["chunk_items"]):
+        chunk = items[first:first + settings["chunk_items"]]
+        mine = rows[first * per_item:(first + len(chunk)) * per_item]
+        try:
+            truth = execution_truth(Config(), Team(), chunk, [[r["command"] for r in mine[j:j + per_item]]
+                                                              for j in range(0, len(mine), per_item)])
+        except SandboxUnavailable as err:
+            raise UsageError(f"--truth-again: {err}") from None
+        updated += [r | t for r, t in zip(mine, (t for _, truths in truth for t in truths))]
+        print(f"truth again: items {first + 1}-{first + len(chunk)} of {len(items)}", flush=True)
+    write_jsonl(audit_dir / "audit_candidates.jsonl", updated)
+    print(f"executed {len(updated)} candidates again in {time.perf_counter() - started:.1f}s", flush=True)
+    return updated
+
+
 def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
     """`audit --from AUDIT_DIR`: the figures again from audit_candidates.jsonl."""
     try:
@@ -1570,6 +1623,8 @@ def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
     if not rows:
         raise UsageError(f"--from {audit_dir}: the audit has no candidates yet")
     kept = {k: meta[k] for k in ("machine", "compute", "wall_s", "complete") if k in meta}
+    if args.truth_again:
+        rows = truth_again(audit_dir, settings, rows)
     try:
         before = None if args.against is None else read_jsonl(Path(args.against) / "audit_candidates.jsonl")
     except (OSError, ValueError) as err:

@@ -9,7 +9,7 @@ them); intervals are 95% percentile bootstraps over items (all candidates of a d
 with it), the same draws for every signal. A signal that abstains on a candidate (None) ranks it
 below every candidate it scored.
 
-The rest may call: auroc, beats_nothing, auroc_draws, spearman_draws, item_draws, interval, top1_values,
+The rest may call: auroc, beats_nothing, scored, auroc_draws, spearman_draws, item_draws, interval, top1_values,
 keeps, audit_figures, audit_table, plot_audit, paired_changes, changes_table, SIGNAL_RULES, LADDER, BEATS_NOTHING_MARGIN.
 """
 import math
@@ -167,13 +167,22 @@ def beats_nothing(reward: float, nothing_reward: float, margin: float = BEATS_NO
     return reward >= nothing_reward + margin - 1e-9
 
 
+def scored(records: list[dict], margin: float) -> list[dict]:
+    """The records the figures are over: items whose gold command is broken here left out;
+    beats_nothing anew by `margin` where the rewards it compares are recorded (`beats_reward`,
+    the reward without bash's own complaints, else `reward`)."""
+    return [r | ({"beats_nothing": beats_nothing(r.get("beats_reward", r["reward"]), r["nothing_reward"], margin)}
+                 if "nothing_reward" in r else {})
+            for r in records if not r.get("gold_broken")]
+
+
 def audit_figures(records: list[dict], *, threshold: float, shellcheck_available: bool,
                   bootstrap: int = 1000, seed: int = 0, margin: float = BEATS_NOTHING_MARGIN) -> dict:
     """Every signal against the three truths, with bootstrap intervals over items; and the
     reference points (random pick, greedy, oracle) and the positives of each truth. A record
     with the do-nothing command's reward gets beats_nothing anew, by `margin`."""
-    records = [r | {"beats_nothing": beats_nothing(r["reward"], r["nothing_reward"], margin)}
-               if "nothing_reward" in r else r for r in records]
+    broken = len({r["item"] for r in records if r.get("gold_broken")})
+    records = scored(records, margin)
     items, groups, greedy = by_item(records)
     n_items = len(items)
     counts = item_draws(n_items, bootstrap, seed)
@@ -252,7 +261,7 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
         "random_top1_beats_nothing": random_b, "random_top1_beats_nothing_ci": random_b_ci,
         "greedy_beats_nothing": greedy_b, "greedy_beats_nothing_ci": greedy_b_ci,
         "oracle_beats_nothing": oracle_b, "oracle_beats_nothing_ci": oracle_b_ci,
-        "items": n_items, "nontrivial_items": int(hard_items.sum()),
+        "items": n_items, "nontrivial_items": int(hard_items.sum()), "broken_items_left_out": broken,
         "candidates_per_item": round(len(flat) / n_items, 3) if n_items else 0,
         "sampled_candidates": len(flat), "usable_candidates": int(usable.sum()),
         "positives": {"success_nontrivial": int(success[hard].sum()),
@@ -273,9 +282,7 @@ def paired_changes(before: list[dict], after: list[dict], *, bootstrap: int = 10
     does not succeed), and of its top-1 beats_nothing, with a paired bootstrap over the items:
     each draw takes the same items from both audits."""
     def prepared(records):
-        records = [r | {"beats_nothing": beats_nothing(r["reward"], r["nothing_reward"], margin)}
-                   if "nothing_reward" in r else r for r in records]
-        items, groups, _ = by_item(records)
+        items, groups, _ = by_item(scored(records, margin))
         return dict(zip(items, groups))
     first, second = prepared(before), prepared(after)
     items = [i for i in first if i in second]
@@ -345,7 +352,8 @@ def audit_table(figures: dict) -> str:
     p = figures["positives"]
     lines = [
         f"{figures['items']} items ({figures['nontrivial_items']} where doing nothing does not "
-        f"succeed), {figures['sampled_candidates']} sampled candidates "
+        f"succeed; {figures.get('broken_items_left_out', 0)} left out, their gold command's program "
+        f"missing here), {figures['sampled_candidates']} sampled candidates "
         f"({figures['usable_candidates']} usable); positives: success on those items "
         f"{p['success_nontrivial']} ({p['success_nontrivial_usable']} usable), beats_nothing "
         f"{p['beats_nothing']} ({p['beats_nothing_usable']} usable)",

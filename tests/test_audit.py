@@ -73,6 +73,20 @@ def candidate(item, signal, success=False, reward=0.5, beats=False, usable=True,
             "signals": {"s": signal}, "success": success, "reward": reward, "beats_nothing": beats}
 
 
+def test_shell_complaints_are_not_output_and_broken_items_are_left_out():
+    run = sb.Execution(output="/bin/bash: line 1: tree: command not found\nbash: line 2: syntax error near x\n"
+                       "ls: cannot access 'a'\n", changes=frozenset(), signatures={}, exit_code=127)
+    assert isi.without_shell_complaints(run).output == "ls: cannot access 'a'\n"
+    records = [candidate("a", 1.0, True, 1.0, True), candidate("a", 0.0),
+               candidate("b", 1.0, True, 1.0, True) | {"gold_broken": True}, candidate("b", 0.0) | {"gold_broken": True}]
+    figures = au.audit_figures(records, threshold=0.5, shellcheck_available=True, bootstrap=10)
+    assert figures["items"] == 1 and figures["broken_items_left_out"] == 1
+    # beats_nothing is decided on the reward without bash's complaints, where it is recorded
+    loud = [r | {"nothing_reward": 0.67, "reward": 0.8, "beats_reward": 0.67} for r in records[:2]]
+    assert au.audit_figures(loud, threshold=0.5, shellcheck_available=True,
+                            bootstrap=10)["positives"]["beats_nothing"] == 0
+
+
 def test_top1_takes_the_expectation_over_a_tie():
     groups = [[candidate("a", 1, True), candidate("a", 1, False), candidate("a", 0, False)],
               [candidate("b", None, True), candidate("b", None, False)],  # scores none: a random pick
@@ -280,6 +294,7 @@ def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tm
         if not r["usable"]:  # not a command: nothing ran, the execution signals are 0
             assert r["signals"]["ladder"] == 0 and r["signals"]["agreement_itemfs"] == 0
         assert r["success"] == (abs(r["reward"] - 1) < 1e-6)
+        assert r["beats_nothing"] == (r["beats_reward"] >= r["nothing_reward"] + au.BEATS_NOTHING_MARGIN - 1e-9)
     assert any(r["success"] for r in rows) and not all(r["success"] for r in rows)
     result = json.loads((audit_dir / "audit.json").read_text())
     assert set(result["signals"]) == SIGNALS
@@ -291,6 +306,13 @@ def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tm
     first = figures_of(audit_dir)
     (audit_dir / "audit.json").unlink()
     assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50"]) == 0
+    assert figures_of(audit_dir) == first
+    # the truth executed again: the same truths (these commands do not depend on the clock)
+    truth_keys = ("success", "reward", "beats_reward", "nothing_reward", "beats_nothing", "trivial_item",
+                  "gold_broken")
+    before = [{k: r[k] for k in truth_keys} for r in candidates(audit_dir)]
+    assert isi.main(["audit", "--from", str(audit_dir), "--truth-again", "--bootstrap", "50"]) == 0
+    assert [{k: r[k] for k in truth_keys} for r in candidates(audit_dir)] == before
     assert figures_of(audit_dir) == first
     # against itself: every change is 0
     assert isi.main(["audit", "--from", str(audit_dir), "--against", str(audit_dir), "--bootstrap", "20"]) == 0
@@ -334,7 +356,8 @@ def test_a_stopped_audit_continues_to_the_same_candidates(tiny_model_dir, tmp_pa
     (["--domain", "pentest"], "the pentest domain has none"),
     (["--adapter", "/nonexistent/checkpoint_cycle_1"], "no adapter there"),
     (["--from", "/nonexistent/audit"], "not a readable audit"),
-    (["--against", "/nonexistent/audit"], "--against compares with --from's audit"),
+    (["--against", "/nonexistent/audit"], "--against goes with --from AUDIT_DIR"),
+    (["--truth-again"], "--truth-again goes with --from AUDIT_DIR"),
 ])
 def test_bad_audit_input_is_one_line_before_anything_loads(extra, message, tmp_path, monkeypatch, capsys):
     refuse_model_loading(monkeypatch)
