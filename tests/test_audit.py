@@ -366,6 +366,7 @@ def test_bad_audit_input_is_one_line_before_anything_loads(extra, message, tmp_p
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_an_audit_without_sandbox_or_shellcheck(tiny_model_dir, tmp_path, known_commands, monkeypatch, capsys):
     def unavailable(*args, **kwargs):
         raise sb.SandboxUnavailable("bubblewrap cannot run here")
