@@ -27,6 +27,10 @@ LADDER = ("parses", "programs_exist", "shellcheck_clean", "exits_zero", "no_usag
 # like the gold's, or for the file-system change the gold made (that part moves by 0.28).
 BEATS_NOTHING_MARGIN = 0.05
 
+# An item bootstrap says nothing about a truth whose positives sit on a few items (drawn or not,
+# the figure hardly moves): below this many items with a positive, its intervals are not given.
+MIN_POSITIVE_ITEMS = 5
+
 # Each signal's own selection rule (what it would keep of one item's candidates, as the loop
 # selects), for starvation: "threshold" (the loop's --threshold), "passes" (value 1), "group"
 # (the largest agreement group, of two or more), "ladder" (climbed at least to exits_zero),
@@ -198,8 +202,13 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
     reward = np.array([c["reward"] for c in flat], float)
     index_draws = [np.repeat(np.arange(len(flat)), row) for row in weights]
 
+    def positive_items(labels, subset):
+        return len(set(item_of[subset & labels]))
+
     def auc(scores, labels, subset):
         point = auroc_draws(scores[subset], labels[subset], full[:, subset])[0]
+        if positive_items(labels, subset) < MIN_POSITIVE_ITEMS:
+            return rounded(point), None
         return rounded(point), interval(auroc_draws(scores[subset], labels[subset], weights[:, subset]))
 
     def item_mean(values, subset_items):
@@ -264,6 +273,9 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
         "items": n_items, "nontrivial_items": int(hard_items.sum()), "broken_items_left_out": broken,
         "candidates_per_item": round(len(flat) / n_items, 3) if n_items else 0,
         "sampled_candidates": len(flat), "usable_candidates": int(usable.sum()),
+        "positive_items": {"success_nontrivial": positive_items(success, hard),
+                           "beats_nothing": positive_items(beats, np.ones(len(flat), bool))},
+        "min_positive_items_for_intervals": MIN_POSITIVE_ITEMS,
         "positives": {"success_nontrivial": int(success[hard].sum()),
                       "success_nontrivial_usable": int(success[hard & usable].sum()),
                       "success_trivial": int(success[~hard].sum()),
@@ -355,8 +367,11 @@ def audit_table(figures: dict) -> str:
         f"succeed; {figures.get('broken_items_left_out', 0)} left out, their gold command's program "
         f"missing here), {figures['sampled_candidates']} sampled candidates "
         f"({figures['usable_candidates']} usable); positives: success on those items "
-        f"{p['success_nontrivial']} ({p['success_nontrivial_usable']} usable), beats_nothing "
-        f"{p['beats_nothing']} ({p['beats_nothing_usable']} usable)",
+        f"{p['success_nontrivial']} ({p['success_nontrivial_usable']} usable) on "
+        f"{figures['positive_items']['success_nontrivial']} items, beats_nothing "
+        f"{p['beats_nothing']} ({p['beats_nothing_usable']} usable) on "
+        f"{figures['positive_items']['beats_nothing']} items (no AUROC interval below "
+        f"{figures['min_positive_items_for_intervals']} items)",
         f"top-1 success: random pick {with_interval(figures['random_top1'], figures['random_top1_ci'])}, "
         f"greedy {with_interval(figures['greedy_success'], figures['greedy_success_ci'])}, "
         f"oracle (pass@K) {with_interval(figures['oracle_success'], figures['oracle_success_ci'])}",
