@@ -420,18 +420,23 @@ def plot_audit(figures: dict, path: Path) -> None:
                          ("top1_success", "top1_ci", "success (non-trivial items)", 0.15)],
                "top-1 pick", figures["random_top1_beats_nothing"], "random pick (beats_nothing)")]
     for ax, series, title, reference, reference_label in panels:
-        for key, ci_key, label, offset in series:
+        for color, (key, ci_key, label, offset) in enumerate(series):
             xs = [figures["signals"][n][key] for n in names]
             cis = [figures["signals"][n][ci_key] for n in names]
-            shown = [k for k, x in enumerate(xs) if x is not None]
-            low = [xs[k] - cis[k][0] if cis[k] else 0 for k in shown]
-            high = [cis[k][1] - xs[k] if cis[k] else 0 for k in shown]
-            ax.errorbar([xs[k] for k in shown], y[shown] + offset, xerr=[low, high], fmt="o",
-                        capsize=2, label=label)
+            shown = [k for k, x in enumerate(xs) if x is not None and cis[k]]
+            bare = [k for k, x in enumerate(xs) if x is not None and not cis[k]]
+            if shown:
+                ax.errorbar([xs[k] for k in shown], y[shown] + offset,
+                            xerr=[[xs[k] - cis[k][0] for k in shown], [cis[k][1] - xs[k] for k in shown]],
+                            fmt="o", capsize=2, color=f"C{color}", label=label)
+            if bare:  # too few items with a positive for an interval: hollow
+                ax.plot([xs[k] for k in bare], y[bare] + offset, "o", mfc="none",
+                        color=f"C{color}", label=f"{label}, no interval (positives on < "
+                        f"{figures.get('min_positive_items_for_intervals', MIN_POSITIVE_ITEMS)} items)")
         if reference is not None:
             ax.axvline(reference, color="grey", linestyle="--", label=reference_label)
         ax.set_title(title)
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.03), fontsize="small")
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     buffer = io.BytesIO()
