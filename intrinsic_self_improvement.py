@@ -56,7 +56,7 @@ from support.decoder import answer_logprobs, decode
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
-from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint,
+from support.run_directory import (check_run_directory, hold_run_directory, load_adapter, load_checkpoint,
                                    prepare_run_directory, read_jsonl, read_progress,
                                    resumed_history, save_checkpoint, write_json, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
@@ -1677,10 +1677,7 @@ def run_audit(cfg: Config, args: argparse.Namespace, team: Team) -> dict:
                 write_json(settings_path, settings)
             lm, embedder = load_models(dataclasses.replace(cfg, scorer="embed"), team)
             if args.adapter is not None:
-                from peft.utils import set_peft_model_state_dict
-                from safetensors.torch import load_file
-                set_peft_model_state_dict(lm.model, load_file(
-                    Path(args.adapter) / "adapter_model.safetensors", device=lm.device))
+                load_adapter(lm, Path(args.adapter))
             done = len(rows) // per_item
             if done:
                 print(f"continuing {audit_dir}: {done} of {len(items)} items done", flush=True)

@@ -248,12 +248,17 @@ def save_checkpoint(lm, run_dir: Path, cycle: int, pending, pool: list[dict]) ->
     commit(partial, final)
 
 
-def load_checkpoint(lm, run_dir: Path, cycle: int) -> tuple[list[dict], dict, list[dict]]:
-    """The adapter into `lm`; returns the pending batch's records and timing, and the pool."""
+def load_adapter(lm, checkpoint: Path) -> None:
+    """A checkpoint's LoRA adapter into `lm` (the same shape)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
-    checkpoint = run_dir / f"checkpoint_cycle_{cycle}"
     set_peft_model_state_dict(lm.model, load_file(checkpoint / "adapter_model.safetensors", device=lm.device))
+
+
+def load_checkpoint(lm, run_dir: Path, cycle: int) -> tuple[list[dict], dict, list[dict]]:
+    """The adapter into `lm`; returns the pending batch's records and timing, and the pool."""
+    checkpoint = run_dir / f"checkpoint_cycle_{cycle}"
+    load_adapter(lm, checkpoint)
     return (read_jsonl(checkpoint / "pending_batch.jsonl"),
             json.loads((checkpoint / "pending_timing.json").read_text()),
             read_jsonl(checkpoint / "training_pool.jsonl"))

@@ -82,6 +82,20 @@ def sandbox_unavailable(error) -> None:
     pytest.skip(f"sandbox unavailable: {error}")
 
 
+@pytest.fixture(scope="module")
+def sandbox():
+    """The bash domain's own file system in the sandbox (2 workers, 2 s a command)."""
+    import support.tasks
+    from support import sandbox as sb
+    try:
+        box = sb.Sandbox({"domain": (support.tasks.environment_script(support.tasks.builtin_domain("bash")), None)},
+                         workers=2, timeout_s=2.0)
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    with box:
+        yield box
+
+
 def refuse_model_loading(monkeypatch):
     """Any model load fails the test: the input must be refused before."""
     def never(*args, **kwargs):

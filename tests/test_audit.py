@@ -135,17 +135,6 @@ def test_figures_on_constructed_candidates():
 # The ladder: commands that fail at each level, in the bash domain's file system
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sandbox():
-    try:
-        box = sb.Sandbox({"domain": (support.tasks.environment_script(support.tasks.builtin_domain("bash")), None)},
-                         workers=2, timeout_s=2.0)
-    except sb.SandboxUnavailable as error:
-        sandbox_unavailable(error)
-    with box:
-        yield box
-
-
 # (command, the first level it fails, or None: it climbs them all)
 LADDER_COMMANDS = [
     ("echo 'unterminated", "parses"),

@@ -18,16 +18,6 @@ from support import nl2bash as ne
 from support import sandbox as sb
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    try:
-        box = sb.Sandbox({"domain": (support.tasks.environment_script(support.tasks.builtin_domain("bash")), None)}, workers=2, timeout_s=2.0)
-    except sb.SandboxUnavailable as error:
-        sandbox_unavailable(error)
-    with box:
-        yield box
-
-
 # (command, verdict) in the bash domain's file system
 VERDICTS = [
     ("find /testbed -name '*.txt'", "passed"),
