@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from support import UsageError, nl2bash
-from support.audit import LADDER
+from support.audit import LADDER, ladder_floor
 from support.decoder import answer_logprobs, decode
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
@@ -60,6 +60,7 @@ from support.run_directory import (check_run_directory, hold_run_directory, load
                                    prepare_run_directory, read_jsonl, read_progress,
                                    resumed_history, save_checkpoint, write_json, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
+from support.shellcheck import shellcheck_available
 from support.tasks import SLOT_PATTERN, TABLE_FORMATS, environment_script, load_domain
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
 
@@ -72,6 +73,10 @@ def setting(default, help: str, choices: list | None = None):
     """A Config field: its default, its --help text and, for a fixed set, its choices."""
     return field(default=default,
                  metadata={"help": help} | ({"choices": choices} if choices else {}))
+
+
+SIGNALS = ["inversion", "execution", "agreement", "inversion+execution", "likelihood", "ladder",
+           "ladder+likelihood", "ladder+inversion"]
 
 
 @dataclass
@@ -112,14 +117,20 @@ class Config:
         "your own tasks, replacing --domain: a JSON domain of templates, a table of plain tasks "
         "(.jsonl, .csv, .parquet with a 'task' and an optional 'tool' column), or a hub dataset id "
         "(format in docs/tasks.md)")
+    stop_on_collapse: bool = setting(
+        False, "stop after a cycle whose fresh batch has collapsed by its label-free health "
+        "(COLLAPSE: restated tasks, no commands, repeated n-grams); resumable")
     probe_tasks: int = setting(
         20, "fixed probe tasks, drawn once, never trained on, scored greedily every cycle")
     signal: str = setting(
         "inversion", "what SELECT keeps: inversion: intrinsic score >= threshold (published); "
         "execution: the command runs cleanly and does something in the domain's sandboxed file "
         "system; agreement: the largest group of candidates with the same execution result "
-        "(MBR-exec); inversion+execution: both",
-        ["inversion", "execution", "agreement", "inversion+execution"])
+        "(MBR-exec); inversion+execution: both; likelihood: per task, the candidate with the "
+        "highest coder-reviewer likelihood, when it is >= threshold (a per-token probability); "
+        "ladder: per task, the candidates on the highest rung of the execution ladder reached, "
+        "when that rung is at least 'exits 0'; ladder+likelihood, ladder+inversion: of those, "
+        "the one the second signal ranks first", SIGNALS)
     train_from: str = setting(
         "previous", "previous: continue the adapter each cycle (published); base: a fresh adapter "
         "each cycle, trained on everything selected so far (ReST-EM)", ["previous", "base"])
@@ -174,7 +185,7 @@ class Config:
 
 
 # may differ between a run and its resume
-RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul"}
+RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul", "stop_on_collapse"}
 # what a run made before a setting existed ran with: its default
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
@@ -614,8 +625,25 @@ def copy_rate(task: str, command: str) -> float:
     return sum(t.lower() in task_tokens for t in tokens) / len(tokens) if tokens else 0.0
 
 
+PROSE_WORD = re.compile(r"[A-Za-z]+[.,;:!?]?")
+TASK_STOPWORDS = frozenset("a an the in of to for on and or with from by at all any each every that "
+                           "this is are be it its as into than".split())
+
+
+def restates_task(task: str, command: str) -> bool:
+    """The command is a sentence about its task, not a command: four or more tokens, at least
+    three in four of them plain words ("You can use the nmap command to scan ports 22,80 on
+    10.0.0.1"), sharing at least two content words with the task."""
+    tokens = command.split()
+    if len(tokens) < 4 or sum(bool(PROSE_WORD.fullmatch(t)) for t in tokens) < 0.75 * len(tokens):
+        return False
+    shared = (set(words(task)) - TASK_STOPWORDS) & set(words(command))
+    return len(shared) >= 2
+
+
 def generation_health(records: list[dict]) -> dict:
-    """Collapse measures over the usable commands of a batch."""
+    """Collapse measures over a batch: over its usable commands, and the share of candidates
+    that are no command at all."""
     usable = [r for r in records if r["usable"]]
     tokens = [r["command"].split() for r in usable]
     by_task = {}
@@ -626,7 +654,31 @@ def generation_health(records: list[dict]) -> dict:
     return {"distinct_1": round(distinct_n(tokens, 1), 4), "distinct_2": round(distinct_n(tokens, 2), 4),
             "duplicate_rate": round(duplicates / len(usable), 4) if usable else 0.0,
             "copy_rate": mean([copy_rate(r["task"], r["command"]) for r in usable]),
+            "restate_rate": mean([restates_task(r["task"], r["command"]) for r in usable]),
+            "no_command_rate": mean([not r["usable"] for r in records]),
             "mean_command_tokens": mean([len(t) for t in tokens])}
+
+
+# When a batch has collapsed, by its health alone (no label, no benchmark): each measure and the
+# value past which it says so, set from the published loop's runs (RESULTS.md sections 1 and 3;
+# docs/signals.md has the figures), where the untrained model's batches and the collapsed ones lie
+# on either side with room. Pentest collapsed into restating the task ("You can use the nmap
+# command to ...", every candidate by cycle 5; untrained bash batches 0.16-0.19); bash into the
+# same `ls` of the task's path for every candidate of a task (distinct-2 0.74-0.85 untrained,
+# 0.40-0.48 from cycle 8); no command at all is the third way down (untrained batches: at most
+# 0.35). The copy rate is shown, not used: a right pentest command copies the task's address and
+# ports (`nmap -p 22,80 10.0.0.1`: 0.5), as the restated task does.
+COLLAPSE = {"restate_rate": (">=", 0.5), "no_command_rate": (">=", 0.6), "distinct_2": ("<", 0.5)}
+
+
+def collapse_reasons(health: dict) -> list[str]:
+    """The health measures of a batch past their COLLAPSE limits, as 'name value op limit'."""
+    reasons = []
+    for name, (op, limit) in COLLAPSE.items():
+        value = health.get(name)
+        if value is not None and (value >= limit if op == ">=" else value < limit):
+            reasons.append(f"{name} {value:.2f} {op} {limit}")
+    return reasons
 
 
 def summarize(records: list[dict], scorer: str) -> dict:
@@ -640,22 +692,60 @@ def summarize(records: list[dict], scorer: str) -> dict:
     if records and "passed" in records[0]:  # the commands ran in the domain's file system
         summary["execution_pass_rate"] = round(sum(r["passed"] for r in records) / n, 4)
         summary["agreement_rate"] = round(sum(r["agreed"] for r in records) / n, 4)
+        summary["mean_ladder"] = round(sum(r["ladder"] for r in records) / n, 4)
+    if records and "likelihood" in records[0]:
+        summary["mean_likelihood"] = round(sum(r["likelihood"] for r in records) / n, 4)
     if scorer == "mix":
         summary["rating_parse_failures"] = sum(
             r["usable"] and bool(r["reconstruction"]) and r["rating"] is None for r in records)
     return summary | {"health": generation_health(records)}
 
 
-def select_for_training(records: list[dict], mode: str, signal: str,
-                        rng: random.Random) -> list[int]:
-    """SELECT. threshold: the candidates the signal keeps (inversion: intrinsic score at or above
-    the threshold, as published; execution: the run passed; agreement: in its task's agreement
-    group; inversion+execution: both). all: every candidate with a command (no selection).
-    random: a random subset of those, of exactly the size the signal would keep."""
-    keeps = {"inversion": lambda r: r["accepted"], "execution": lambda r: r["passed"],
-             "agreement": lambda r: r["agreed"],
-             "inversion+execution": lambda r: r["accepted"] and r["passed"]}
-    kept = [i for i, r in enumerate(records) if keeps[signal](r)]
+# per signal, the record's value it selects by: its "own score", whose mean over the probe
+# (SUMMARY_OF) is watched against the probe's execution pass rate (a combination's own score is
+# that of the signal that ranks)
+SUMMARY_OF = {"score": "mean_score", "passed": "execution_pass_rate", "agreed": "agreement_rate",
+              "likelihood": "mean_likelihood", "ladder": "mean_ladder"}
+SIGNAL_VALUE = {"inversion": "score", "execution": "passed", "agreement": "agreed",
+                "inversion+execution": "score", "likelihood": "likelihood", "ladder": "ladder",
+                "ladder+likelihood": "likelihood", "ladder+inversion": "score"}
+
+
+def kept_by_signal(records: list[dict], signal: str, copies: int, threshold: float,
+                   floor: float) -> list[int]:
+    """The candidates a signal keeps; records come in runs of `copies` per task.
+    inversion: intrinsic score >= threshold (published); execution: the run passed; agreement:
+    in its task's agreement group; inversion+execution: both. likelihood: per task, the candidate
+    with the highest likelihood, when it is >= threshold. ladder: per task, the candidates at the
+    highest ladder value any of them reached, when it is at least `floor` (the value of
+    climbing to 'exits 0'). ladder+X: of those, the one X ranks first (the first on a tie)."""
+    per_record = {"inversion": lambda r: r["accepted"], "execution": lambda r: r["passed"],
+                  "agreement": lambda r: r["agreed"],
+                  "inversion+execution": lambda r: r["accepted"] and r["passed"]}
+    if signal in per_record:
+        return [i for i, r in enumerate(records) if per_record[signal](r)]
+    kept = []
+    for first in range(0, len(records), copies):
+        group = list(range(first, min(first + copies, len(records))))
+        if signal == "likelihood":
+            best = max(group, key=lambda i: records[i]["likelihood"])
+            kept += [best] if records[best]["usable"] and records[best]["likelihood"] >= threshold else []
+            continue
+        top = max(records[i]["ladder"] for i in group)
+        if top < floor - 1e-9:
+            continue
+        at_top = [i for i in group if records[i]["ladder"] == top]
+        ranker = signal.partition("+")[2]
+        kept += [max(at_top, key=lambda i: records[i][SIGNAL_VALUE[ranker]])] if ranker else at_top
+    return kept
+
+
+def select_for_training(records: list[dict], mode: str, signal: str, rng: random.Random, *,
+                        copies: int, threshold: float, floor: float) -> list[int]:
+    """SELECT. threshold: the candidates the signal keeps (kept_by_signal). all: every candidate
+    with a command (no selection). random: a random subset of those, of exactly the size the
+    signal would keep."""
+    kept = kept_by_signal(records, signal, copies, threshold, floor)
     if mode == "threshold":
         return kept
     candidates = [i for i, r in enumerate(records) if r["command"]]
@@ -776,6 +866,7 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
     agreed = set()
     for first in range(0, len(records), copies):
         agreed.update(first + k for k in agreement_group(runs[first:first + copies]))
+    ladders = ladder_values([r["command"] for r in records], runs)
     executed = []
     for i, (record, run) in enumerate(zip(records, runs)):
         verdict = "unusable" if run is None else execution_verdict(run)
@@ -783,8 +874,24 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
             "exit_code": run.exit_code, "changes": len(run.changes), "seconds": run.seconds,
             "output": run.output[:EXECUTION_OUTPUT_KEPT]}
         executed.append(record | {"verdict": verdict, "passed": verdict == "passed",
-                                  "agreed": i in agreed, "execution": details})
+                                  "agreed": i in agreed, "execution": details} | ladders[i])
     return Stage(executed, {"execute_s": round(seconds, 3), "executed": len(usable)})
+
+
+def ladder_values(commands: list[str], runs: list) -> list[dict]:
+    """Per command and its run (None: not a command, not run): the execution ladder's levels
+    (parsing by bashlex, bounded; shellcheck when installed, else None) and its value, the share
+    of the available levels climbed in order ('ladder', 0 when not run)."""
+    from support.shellcheck import error_free
+    ran = [i for i, run in enumerate(runs) if run is not None]
+    clean = error_free([commands[i] for i in ran]) or [None] * len(ran)
+    values = [{"ladder": 0.0, "ladder_levels": None} for _ in runs]
+    for i, ok in zip(ran, clean):
+        parses = nl2bash.command_structure(commands[i]) is not None
+        levels = execution_ladder(runs[i], parses, ok)
+        values[i] = {"ladder": round(ladder_score(levels), 4),
+                     "ladder_levels": {k: None if v is None else int(v) for k, v in levels.items()}}
+    return values
 
 
 def sandbox_workers(cfg: Config, team: Team = Team()) -> int:
@@ -798,7 +905,7 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
     results are left out, said in one line)."""
     script = environment_script(domain)
-    needs = cfg.signal != "inversion"
+    needs = cfg.signal not in ("inversion", "likelihood")
     if script is None:
         if needs:
             raise UsageError(
@@ -1014,6 +1121,40 @@ def reviewer_example(tokenizer, task: str, command: str) -> dict:
         tokenizer(task, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
 
+def coder_reviewer(lm: LanguageModel, cfg: Config, tasks: list[Task], commands: list[str], *,
+                   frozen_reviewer: bool) -> tuple[list[float], list[float], float, float]:
+    """Coder-Reviewer's two mean token log-probabilities per (task, command): the coder's, of the
+    command given the task, by the model as it is; the reviewer's, of the task given the command
+    (the inversion prompt), by the base model when `frozen_reviewer` (adapter disabled), else by
+    the model as it is. And the seconds each took."""
+    started = time.perf_counter()
+    coder = answer_logprobs(lm, [command_example(lm.tokenizer, t, c) for t, c in zip(tasks, commands)],
+                            cfg.gen_batch_size)
+    coder_s = time.perf_counter() - started
+    with lm.model.disable_adapter() if frozen_reviewer else contextlib.nullcontext():
+        reviewer = answer_logprobs(lm, [reviewer_example(lm.tokenizer, t.text, c) for t, c in zip(tasks, commands)],
+                                   cfg.gen_batch_size)
+    return coder, reviewer, coder_s, time.perf_counter() - started - coder_s
+
+
+def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict]) -> Stage:
+    """LIKELIHOOD (--signal likelihood): per usable command, the coder's and the frozen base
+    model's reviewer's mean token log-probabilities, and 'likelihood' = exp of their mean, the
+    geometric mean of the two per-token probabilities, in [0, 1] as --threshold is. Not a
+    command: None, and likelihood 0."""
+    usable = [i for i, r in enumerate(records) if r["usable"]]
+    coder, reviewer, coder_s, reviewer_s = coder_reviewer(
+        lm, cfg, [Task(records[i]["task"], records[i]["tool"]) for i in usable],
+        [records[i]["command"] for i in usable],
+        frozen_reviewer=True)
+    values = [{"coder": None, "reviewer": None, "likelihood": 0.0} for _ in records]
+    for i, c, r in zip(usable, coder, reviewer):
+        values[i] = {"coder": round(c, 5), "reviewer": round(r, 5),
+                     "likelihood": float(f"{math.exp((c + r) / 2):.6g}")}
+    return Stage([record | value for record, value in zip(records, values)],
+                 {"likelihood_s": round(coder_s + reviewer_s, 3)})
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation from outside the loop: NL2Bash, executed in the sandbox (support/nl2bash.py)
 # ---------------------------------------------------------------------------------------------
@@ -1091,6 +1232,8 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
         tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
     stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
                       label=f"batch {index}")
+    liked = likelihood_values(lm, cfg, stage.records)
+    stage = Stage(liked.records, stage.timing | liked.timing)
     executed = (execute_commands(sandbox, stage.records, cfg.candidates, lm.team) if sandbox
                 else Stage(stage.records, {}))
     return Stage(executed.records, stage.timing | executed.timing | task_info)
@@ -1106,8 +1249,9 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
                                 label="probe")
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
                             greedy=True, seed=seed, label="probe")
-    executed = (execute_commands(sandbox, judged.records, 1, lm.team) if sandbox
-                else Stage(judged.records, {}))
+    liked = likelihood_values(lm, cfg, judged.records)
+    executed = (execute_commands(sandbox, liked.records, 1, lm.team) if sandbox
+                else Stage(liked.records, {}))
     # before any training the adapter adds exactly zero: the frozen judge is the run's judge
     frozen = judged if cfg.judge == "frozen" or cycle == 0 else judge_commands(
         lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed,
@@ -1115,7 +1259,7 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
     records = [r | {"frozen_reconstruction": f["reconstruction"], "frozen_score": f["score"]}
                for r, f in zip(executed.records, frozen.records)]
     frozen_summary = summarize(frozen.records, cfg.scorer)
-    timings = [written.timing, judged.timing, executed.timing] + [frozen.timing] * (frozen is not judged)
+    timings = [written.timing, judged.timing, liked.timing, executed.timing] + [frozen.timing] * (frozen is not judged)
     seconds = sum(v for t in timings for k, v in t.items() if k.endswith("_s"))
     summary = summarize(executed.records, cfg.scorer) | {
         "frozen_mean_score": frozen_summary["mean_score"],
@@ -1153,6 +1297,18 @@ def cycle_examples(before: list[dict], chosen: set, after: list[dict],
             + [r | {"stage": "after"} for r in after] + [r | {"stage": "probe"} for r in probe])
 
 
+def signal_up_execution_down(signal: str, previous: dict, probe: dict) -> bool | None:
+    """Goodhart's mark: the probe's mean of the signal's own score rose from the cycle before
+    while the probe's execution pass rate (label-free: the domain's file system) fell. None
+    where either was not measured."""
+    key = SUMMARY_OF[SIGNAL_VALUE[signal]]
+    figures = [(p or {}).get(k) for p in (previous, probe) for k in (key, "execution_pass_rate")]
+    if None in figures or key == "execution_pass_rate":
+        return None
+    score_before, passed_before, score, passed = figures
+    return score > score_before and passed < passed_before
+
+
 def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox,
                team: Team) -> dict:
     """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
@@ -1165,6 +1321,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     last_completed = saved["last_completed_cycle"] if saved else -1
     team.together(lambda: prepare_run_directory(run_dir, last_completed) if team.main else None)
     eval_items = evaluation_items(cfg)
+    floor = ladder_floor(shellcheck_available())
     started = time.perf_counter()
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
@@ -1192,7 +1349,9 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
 
         # SELECT: the candidates the signal keeps, from the batch generated last cycle
         chosen = select_for_training(before_stage.records, cfg.select, cfg.signal,
-                                     random.Random(stage_seed(cfg.seed, "select", cycle)))
+                                     random.Random(stage_seed(cfg.seed, "select", cycle)),
+                                     copies=cfg.candidates, threshold=cfg.threshold,
+                                     floor=floor)
         selected = [{k: before_stage.records[i][k] for k in ("task", "tool", "command")} for i in chosen]
         pool = pool + selected if cfg.data == "cumulative" or cfg.train_from == "base" else selected
 
@@ -1223,10 +1382,14 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
             examples = cycle_examples(before_stage.records, set(chosen), after_stage.records, probe_records)
             write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl", examples)
             save_checkpoint(lm, run_dir, cycle, after_stage, pool)
+        previous_probe = history["cycles"][-1]["probe"] if history["cycles"] else history["probe_initial"]
+        collapse = collapse_reasons(after["health"])
         history["cycles"].append({
             "cycle": cycle, "before": before, "after": after,
             "improvement": round(after["mean_score"] - before["mean_score"], 4),
             "probe": probe_summary, "training": training, "eval": evaluation,
+            "collapse": collapse,
+            "signal_up_execution_down": signal_up_execution_down(cfg.signal, previous_probe, probe_summary),
             "timing": {"before": before_stage.timing, "after": after_stage.timing,
                        "cycle_s": round(time.perf_counter() - cycle_start, 3)},
         })
@@ -1240,6 +1403,16 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
             write_json(run_dir / "progress.json", progress)
         pending = after_stage
         cycle_s, left = time.perf_counter() - cycle_start, cfg.cycles - cycle
+        if history["cycles"][-1]["signal_up_execution_down"]:
+            print(f"  warning: the probe's {cfg.signal} score rose while its execution pass rate fell",
+                  flush=True)
+        if collapse:
+            print(f"  the fresh batch has collapsed: {', '.join(collapse)}", flush=True)
+        if collapse and cfg.stop_on_collapse and left:
+            print(f"stopped after cycle {cycle} of {cfg.cycles} (--stop-on-collapse: {', '.join(collapse)}); "
+                  f"to go on anyway: the same command with --resume and without --stop-on-collapse",
+                  flush=True)
+            break
         print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so "
               f"far" + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""),
               flush=True)
@@ -1386,14 +1559,9 @@ def audit_likelihood(lm: LanguageModel, cfg: Config, rows: list[dict]) -> tuple[
     """coder (the command given the task, by the model audited) and reviewer (the task given the
     command, by the judge), each a mean token log-probability; None without a command."""
     scored = [i for i, r in enumerate(rows) if r["command"]]
-    coder = [command_example(lm.tokenizer, Task(rows[i]["query"]), rows[i]["command"]) for i in scored]
-    reviewer = [reviewer_example(lm.tokenizer, rows[i]["query"], rows[i]["command"]) for i in scored]
-    started = time.perf_counter()
-    coder = answer_logprobs(lm, coder, cfg.gen_batch_size)
-    coder_s = time.perf_counter() - started
-    with lm.model.disable_adapter() if cfg.judge == "frozen" else contextlib.nullcontext():
-        reviewer = answer_logprobs(lm, reviewer, cfg.gen_batch_size)
-    reviewer_s = time.perf_counter() - started - coder_s
+    coder, reviewer, coder_s, reviewer_s = coder_reviewer(
+        lm, cfg, [Task(rows[i]["query"]) for i in scored], [rows[i]["command"] for i in scored],
+        frozen_reviewer=cfg.judge == "frozen")
     values = [{"coder": None, "reviewer": None, "coder_reviewer": None} for _ in rows]
     for i, c, r in zip(scored, coder, reviewer):
         values[i] = {"coder": round(c, 5), "reviewer": round(r, 5), "coder_reviewer": round(c + r, 5)}

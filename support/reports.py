@@ -34,8 +34,12 @@ def log_stage(label: str, stage, summary: dict) -> None:
           f"{summary['mean_score']:.3f}, unusable {summary['unusable_commands']} | generate {t['generate_s']:.1f}s "
           f"({tokens_per_s(t['generate_tokens'], t['generate_s'])} tok/s), invert {t['invert_s']:.1f}s "
           f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s"
-          + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f} "
-             f"({t['execute_s']:.1f}s)" if "execute_s" in t else ""), flush=True)
+          + (f", likelihood {summary['mean_likelihood']:.3f} ({t['likelihood_s']:.1f}s)"
+             if "likelihood_s" in t else "")
+          + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f}"
+             + (f", ladder {summary['mean_ladder']:.2f}" if "mean_ladder" in summary else "")
+             + f" ({t['execute_s']:.1f}s)" if "execute_s" in t else ""),
+          flush=True)
 
 
 def log_training(training: dict) -> None:
@@ -81,6 +85,10 @@ def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
                "eval_success_final": (last.get("eval") or {}).get("success_rate"),
                **pooled_correlations(evaluated),
                "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
+               # Goodhart's mark: the probe's signal score rose while its execution pass rate fell
+               "signal_up_execution_down_cycles": [c["cycle"] for c in history["cycles"]
+                                                   if c.get("signal_up_execution_down")],
+               "collapsed_cycles": [c["cycle"] for c in history["cycles"] if c.get("collapse")],
                "wall_s_this_invocation": None if wall_s is None else round(wall_s, 1),
                "config": history["config"]}
     write_json(run_dir / "self_improvement_results.json", results)
@@ -131,7 +139,9 @@ def plot_progress(history: dict, path: Path) -> None:
             ("distinct-1", ("after", "health", "distinct_1"), None),
             ("distinct-2", ("after", "health", "distinct_2"), None),
             ("duplicate rate", ("after", "health", "duplicate_rate"), None),
-            ("copy rate", ("after", "health", "copy_rate"), None)]),
+            ("copy rate", ("after", "health", "copy_rate"), None),
+            ("restated tasks", ("after", "health", "restate_rate"), None),
+            ("no command", ("after", "health", "no_command_rate"), None)]),
         (axes[1][2], "command length and unusable outputs (after batch)", [
             ("mean command tokens", ("after", "health", "mean_command_tokens"), None)]),
     ]
@@ -150,6 +160,16 @@ def plot_progress(history: dict, path: Path) -> None:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+    marked = [c["cycle"] for c in history["cycles"] if c.get("signal_up_execution_down")]
+    for k, cycle in enumerate(marked):  # Goodhart's mark: the signal's score up, execution down
+        axes[0][0].axvline(cycle, color="tab:red", linestyle=":", alpha=0.6,
+                           label=None if k else "probe: signal up, execution pass rate down")
+    for k, cycle in enumerate(c["cycle"] for c in history["cycles"] if c.get("collapse")):
+        axes[1][1].axvspan(cycle - 0.4, cycle + 0.4, color="tab:red", alpha=0.12,
+                           label=None if k else "collapsed (COLLAPSE)")
+    for ax in (axes[0][0], axes[1][1]):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     xs = [c["cycle"] for c in history["cycles"]]
     unusable = [c["after"]["unusable_commands"] / max(1, c["after"]["total_generated"]) for c in history["cycles"]]
     twin = axes[1][2].twinx()

@@ -185,9 +185,9 @@ def test_generation_health():
 
 def test_select_for_training_modes():
     records = [record("t", f"cmd{i}", accepted=i in (1, 4)) for i in range(6)] + [record("t", "", usable=False)]
-    assert isi.select_for_training(records, "threshold", "inversion", random.Random(0)) == [1, 4]
-    assert isi.select_for_training(records, "all", "inversion", random.Random(0)) == [0, 1, 2, 3, 4, 5]
-    picks = {tuple(isi.select_for_training(records, "random", "inversion", random.Random(seed))) for seed in range(20)}
+    assert isi.select_for_training(records, "threshold", "inversion", random.Random(0), copies=1, threshold=0.5, floor=0.5) == [1, 4]
+    assert isi.select_for_training(records, "all", "inversion", random.Random(0), copies=1, threshold=0.5, floor=0.5) == [0, 1, 2, 3, 4, 5]
+    picks = {tuple(isi.select_for_training(records, "random", "inversion", random.Random(seed), copies=1, threshold=0.5, floor=0.5)) for seed in range(20)}
     assert all(len(p) == 2 and 6 not in p for p in picks) and len(picks) > 1
 
 

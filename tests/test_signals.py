@@ -77,12 +77,111 @@ def test_agreement_group_known_answers(runs, kept):
 def test_selection_per_signal():
     flags = [(True, True, False), (True, False, False), (False, True, True), (False, False, False), (True, True, True)]
     records = [{"command": "c", "accepted": a, "passed": p, "agreed": g} for a, p, g in flags]
-    pick = lambda signal, mode="threshold": isi.select_for_training(records, mode, signal, random.Random(0))  # noqa: E731
+    pick = lambda signal, mode="threshold": isi.select_for_training(  # noqa: E731
+        records, mode, signal, random.Random(0), copies=1, threshold=0.5, floor=4 / 6)
     assert pick("inversion") == [0, 1, 4]
     assert pick("execution") == [0, 2, 4]
     assert pick("agreement") == [2, 4]
     assert pick("inversion+execution") == [0, 4]
     assert len(pick("agreement", "random")) == 2 and pick("execution", "all") == [0, 1, 2, 3, 4]
+
+
+def candidate(ladder=0.0, likelihood=0.0, score=0.0, usable=True):
+    return {"command": "c" if usable else "", "usable": usable, "ladder": ladder, "likelihood": likelihood,
+            "score": score}
+
+
+# three tasks of three candidates each; the ladder's floor (climbed to 'exits 0') is 4/6
+LADDER_TASKS = [
+    candidate(5 / 6, 0.2, 0.9), candidate(5 / 6, 0.4, 0.1), candidate(1 / 6, 0.9, 0.8),  # two on top
+    candidate(3 / 6, 0.7, 0.7), candidate(2 / 6, 0.8, 0.9), candidate(0, 0, 0, usable=False),  # none runs
+    candidate(4 / 6, 0.1, 0.2), candidate(1.0, 0.05, 0.3), candidate(1.0, 0.3, 0.6),  # floor and two on top
+]
+
+
+@pytest.mark.parametrize("signal, threshold, kept", [
+    ("ladder", 0.5, [0, 1, 7, 8]),  # every candidate on its task's top rung, when that is >= 'exits 0'
+    ("ladder+likelihood", 0.5, [1, 8]),  # of those, the likeliest
+    ("ladder+inversion", 0.5, [0, 8]),  # of those, the best intrinsic score
+    ("likelihood", 0.5, [2, 4]),  # per task the likeliest, when it clears the threshold
+    ("likelihood", 0.85, [2]),
+    ("likelihood", 0.0, [2, 4, 8]),
+])
+def test_selection_of_the_ranking_signals(signal, threshold, kept):
+    assert isi.select_for_training(LADDER_TASKS, "threshold", signal, random.Random(0), copies=3,
+                                   threshold=threshold, floor=4 / 6) == kept
+
+
+def test_a_task_without_a_command_gives_likelihood_nothing():
+    records = [candidate(usable=False), candidate(usable=False)]
+    assert isi.kept_by_signal(records, "likelihood", 2, 0.0, 4 / 6) == []
+
+
+def test_the_ladder_in_the_loop_matches_the_audits(sandbox):
+    """execute_commands gives every candidate its ladder: the levels of known commands, each
+    failing at one level, and the value the audit computes from them."""
+    commands = ["ls /testbed", "echo 'unterminated", "nosuchprogram x", "grep zzz /testbed/textfile7.txt",
+                "grep -Q x /testbed/textfile7.txt", "true", "# comment"]
+    records = [{"task": "t", "tool": None, "command": c, "usable": isi.is_usable_command(c)} for c in commands]
+    rows = isi.execute_commands(sandbox, records, copies=len(commands)).records
+    expected = {"ls /testbed": 1.0, "echo 'unterminated": 0.0, "nosuchprogram x": 1 / 6 if isi.shellcheck_available() else 1 / 5,
+                "true": 5 / 6 if isi.shellcheck_available() else 4 / 5}
+    for row in rows:
+        if row["command"] in expected:
+            assert row["ladder"] == pytest.approx(expected[row["command"]], abs=1e-4), row["command"]
+    assert rows[-1]["ladder"] == 0.0 and rows[-1]["ladder_levels"] is None  # not a command: not run
+    assert rows[3]["ladder_levels"]["exits_zero"] == 0 and rows[3]["ladder_levels"]["programs_exist"] == 1
+    assert rows[4]["ladder_levels"]["no_usage_error"] == 0
+
+
+@pytest.mark.parametrize("health, reasons", [
+    ({"restate_rate": 0.1, "no_command_rate": 0.3, "distinct_2": 0.8}, []),  # the untrained model's batches
+    ({"restate_rate": 0.93, "no_command_rate": 0.0, "distinct_2": 0.6}, ["restate_rate 0.93 >= 0.5"]),
+    ({"restate_rate": 0.0, "no_command_rate": 0.0, "distinct_2": 0.41}, ["distinct_2 0.41 < 0.5"]),
+    ({"restate_rate": 0.0, "no_command_rate": 0.7, "distinct_2": 0.8}, ["no_command_rate 0.70 >= 0.6"]),
+])
+def test_collapse_reasons_known_answers(health, reasons):
+    assert isi.collapse_reasons(health) == reasons
+
+
+def test_restated_tasks_are_told_from_commands():
+    task = "Scan ports 8080,8443 on 10.0.0.1"
+    assert isi.restates_task(task, "You can use the nmap command to scan ports 8080,8443 on 10.0.0.1")
+    assert not isi.restates_task(task, "nmap -p 8080,8443 10.0.0.1")
+    assert not isi.restates_task(task, "You can use the following command")  # prose, but not about the task
+    assert not isi.restates_task("List the files in /testbed", "ls -la /testbed")
+
+
+def test_health_of_constructed_batches():
+    """A healthy batch (distinct commands, each a command) is not collapsed; the same batch
+    restated, or with every candidate of a task the same `ls`, is."""
+    tasks = [f"Count the lines of /testbed/file{k}.txt" for k in range(6)]
+    ways = [["wc -l", "grep -c ''", "awk 'END{print NR}'"], ["head -n 3", "sed -n 1,3p", "awk 'NR<=3'"],
+            ["sort -u", "sort | uniq", "uniq -c"], ["tail -n 2", "sed -n '$p'", "tac | head -n 1"],
+            ["cut -c1-5", "grep -v '^$'", "nl -ba"], ["cat -n", "less -N", "tr a-z A-Z <"]]
+
+    def batch(write):
+        return [{"task": t, "command": write(t, j, k), "usable": True} for k, t in enumerate(tasks) for j in range(3)]
+    healthy = batch(lambda t, j, k: ways[k][j] + " " + t.split()[-1])
+    restated = batch(lambda t, j, k: f"You can use the wc command to count the lines of {t.split()[-1]}")
+    repeated = batch(lambda t, j, k: "ls " + t.split()[-1])
+    assert isi.collapse_reasons(isi.generation_health(healthy)) == []
+    assert isi.collapse_reasons(isi.generation_health(restated))[0].startswith("restate_rate 1.00")
+    assert isi.collapse_reasons(isi.generation_health(repeated))[0].startswith("distinct_2 0.33")
+
+
+@pytest.mark.parametrize("signal, before, after, marked", [
+    ("inversion", {"mean_score": 0.2, "execution_pass_rate": 0.5}, {"mean_score": 0.4, "execution_pass_rate": 0.3}, True),
+    ("inversion", {"mean_score": 0.2, "execution_pass_rate": 0.5}, {"mean_score": 0.4, "execution_pass_rate": 0.5}, False),
+    ("inversion", {"mean_score": 0.4, "execution_pass_rate": 0.5}, {"mean_score": 0.2, "execution_pass_rate": 0.3}, False),
+    ("ladder", {"mean_ladder": 0.5, "execution_pass_rate": 0.5}, {"mean_ladder": 0.6, "execution_pass_rate": 0.4}, True),
+    ("ladder+likelihood", {"mean_likelihood": 0.1, "execution_pass_rate": 0.5},
+     {"mean_likelihood": 0.2, "execution_pass_rate": 0.4}, True),
+    ("execution", {"execution_pass_rate": 0.5}, {"execution_pass_rate": 0.4}, None),  # its own score is the pass rate
+    ("inversion", {"mean_score": 0.2}, {"mean_score": 0.4}, None),  # nothing executed
+])
+def test_signal_up_execution_down(signal, before, after, marked):
+    assert isi.signal_up_execution_down(signal, before, after) is marked
 
 
 def test_the_environment_is_built_from_the_domain_alone():
@@ -182,6 +281,74 @@ def test_a_run_trains_on_what_its_signal_keeps(signal, flag, tiny_model_dir, tmp
         assert "execution_pass_rate" in history["cycles"][cycle - 1]["probe"]
     before = [r for c in (1, 2) for r in examples(tmp_path / "s", c) if r["stage"] == "before"]
     assert any(r["selected"] for r in before) and not all(r["selected"] for r in before)  # not trivially so
+
+
+def top_of_ladder(rows: list[dict], copies: int, floor: float, rank: str | None) -> list[bool]:
+    """Written out again here: per task, the candidates at its highest ladder value when that is
+    at least the floor; with `rank`, the first of them with the highest value of `rank`."""
+    kept = []
+    for first in range(0, len(rows), copies):
+        group = rows[first:first + copies]
+        top = max(r["ladder"] for r in group)
+        on_top = [top >= floor - 1e-9 and r["ladder"] == top for r in group]
+        if rank and any(on_top):
+            best = max((r[rank] for r, on in zip(group, on_top) if on))
+            first_best = next(k for k, (r, on) in enumerate(zip(group, on_top)) if on and r[rank] == best)
+            on_top = [k == first_best for k in range(len(group))]
+        kept += on_top
+    return kept
+
+
+@pytest.mark.parametrize("signal", ["ladder", pytest.param("ladder+likelihood", marks=pytest.mark.slow),
+                                    pytest.param("likelihood", marks=pytest.mark.slow)])
+def test_a_run_trains_on_what_a_ranking_signal_keeps(signal, tiny_model_dir, tmp_path, known_commands, sandbox):
+    """Every candidate carries every signal's value; the selected ones are those the rule keeps."""
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "s", "--domain", "bash",
+                     "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.0")
+    assert isi.main(args) == 0
+    floor = 4 / 6 if isi.shellcheck_available() else 3 / 5
+    history = read_progress(tmp_path / "s")["history"]
+    for cycle in (1, 2):
+        rows = examples(tmp_path / "s", cycle)
+        assert all({"score", "accepted", "passed", "agreed", "ladder", "ladder_levels", "likelihood", "coder",
+                    "reviewer"} <= set(r) for r in rows)
+        assert {r["command"]: r["ladder"] for r in rows if r["command"] in ("ls /testbed", "nosuchprogram /testbed")} \
+            == {"ls /testbed": 1.0, "nosuchprogram /testbed": round(1 / 6 if isi.shellcheck_available() else 1 / 5, 4)}
+        for r in rows:
+            if r["usable"]:
+                assert r["likelihood"] == pytest.approx(2.718281828 ** ((r["coder"] + r["reviewer"]) / 2), rel=1e-4)
+        before = [r for r in rows if r["stage"] == "before"]
+        if signal == "likelihood":
+            keep = []
+            for first in range(0, len(before), 3):
+                group = [r["likelihood"] for r in before[first:first + 3]]
+                keep += [k == group.index(max(group)) for k in range(3)]
+        else:
+            keep = top_of_ladder(before, 3, floor, "likelihood" if "+" in signal else None)
+        assert [r["selected"] for r in before] == keep
+        assert history["cycles"][cycle - 1]["training"]["selected"] == sum(keep)
+        assert "mean_ladder" in history["cycles"][cycle - 1]["probe"] and "mean_likelihood" in history["cycles"][cycle - 1]["probe"]
+        assert history["cycles"][cycle - 1]["signal_up_execution_down"] in (True, False)
+    before = [r for c in (1, 2) for r in examples(tmp_path / "s", c) if r["stage"] == "before"]
+    assert any(r["selected"] for r in before) and not all(r["selected"] for r in before)
+
+
+def test_stop_on_collapse_stops_after_a_collapsed_cycle_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                    sandbox):
+    monkeypatch.setattr(isi, "extract_command", lambda output: "ls /testbed")  # every candidate the same
+    args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "3", "--name", "c", "--domain", "bash")
+    assert isi.main(args + ["--stop-on-collapse"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped after cycle 1 of 3 (--stop-on-collapse: distinct_2 " in out
+    progress = read_progress(tmp_path / "c")
+    assert progress["last_completed_cycle"] == 1
+    assert progress["history"]["cycles"][0]["collapse"][0].startswith("distinct_2")
+    results = json.loads((tmp_path / "c" / "self_improvement_results.json").read_text())
+    assert results["collapsed_cycles"] == [1] and results["cycles"] == 1
+    assert isi.main(args + ["--resume"]) == 0  # on, without the guard
+    progress = read_progress(tmp_path / "c")
+    assert progress["last_completed_cycle"] == 3
+    assert [bool(c["collapse"]) for c in progress["history"]["cycles"]] == [True] * 3
 
 
 @pytest.mark.slow
