@@ -117,6 +117,10 @@ class Config:
         "your own tasks, replacing --domain: a JSON domain of templates, a table of plain tasks "
         "(.jsonl, .csv, .parquet with a 'task' and an optional 'tool' column), or a hub dataset id "
         "(format in docs/tasks.md)")
+    score_all: bool = setting(
+        False, "give every candidate every signal's value in examples_cycle_N.jsonl, to re-analyse "
+        "a run under another signal: adds the likelihood (about as long as generating and "
+        "inverting); inversion, execution and ladder values are always there")
     stop_on_collapse: bool = setting(
         False, "stop after a cycle whose fresh batch has collapsed by its label-free health "
         "(COLLAPSE: restated tasks, no commands, repeated n-grams); resumable")
@@ -185,7 +189,8 @@ class Config:
 
 
 # may differ between a run and its resume
-RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul", "stop_on_collapse"}
+RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul", "stop_on_collapse",
+                   "score_all"}
 # what a run made before a setting existed ran with: its default
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
@@ -693,7 +698,7 @@ def summarize(records: list[dict], scorer: str) -> dict:
         summary["execution_pass_rate"] = round(sum(r["passed"] for r in records) / n, 4)
         summary["agreement_rate"] = round(sum(r["agreed"] for r in records) / n, 4)
         summary["mean_ladder"] = round(sum(r["ladder"] for r in records) / n, 4)
-    if records and "likelihood" in records[0]:
+    if records and all("likelihood" in r for r in records):
         summary["mean_likelihood"] = round(sum(r["likelihood"] for r in records) / n, 4)
     if scorer == "mix":
         summary["rating_parse_failures"] = sum(
@@ -1137,22 +1142,42 @@ def coder_reviewer(lm: LanguageModel, cfg: Config, tasks: list[Task], commands: 
     return coder, reviewer, coder_s, time.perf_counter() - started - coder_s
 
 
-def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict]) -> Stage:
-    """LIKELIHOOD (--signal likelihood): per usable command, the coder's and the frozen base
-    model's reviewer's mean token log-probabilities, and 'likelihood' = exp of their mean, the
-    geometric mean of the two per-token probabilities, in [0, 1] as --threshold is. Not a
-    command: None, and likelihood 0."""
-    usable = [i for i, r in enumerate(records) if r["usable"]]
+def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict],
+                      only: list[int] | None = None) -> Stage:
+    """LIKELIHOOD (--signal likelihood): per usable command (of `only`, when given), the coder's
+    and the frozen base model's reviewer's mean token log-probabilities, and 'likelihood' = exp
+    of their mean, the geometric mean of the two per-token probabilities, in [0, 1] as
+    --threshold is. Not a command: None, and likelihood 0. Records left out by `only` get no
+    value."""
+    wanted = range(len(records)) if only is None else only
+    usable = [i for i in wanted if records[i]["usable"]]
     coder, reviewer, coder_s, reviewer_s = coder_reviewer(
         lm, cfg, [Task(records[i]["task"], records[i]["tool"]) for i in usable],
-        [records[i]["command"] for i in usable],
-        frozen_reviewer=True)
-    values = [{"coder": None, "reviewer": None, "likelihood": 0.0} for _ in records]
+        [records[i]["command"] for i in usable], frozen_reviewer=True)
+    values = [{} for _ in records]
+    for i in wanted:
+        values[i] = {"coder": None, "reviewer": None, "likelihood": 0.0}
     for i, c, r in zip(usable, coder, reviewer):
         values[i] = {"coder": round(c, 5), "reviewer": round(r, 5),
                      "likelihood": float(f"{math.exp((c + r) / 2):.6g}")}
     return Stage([record | value for record, value in zip(records, values)],
-                 {"likelihood_s": round(coder_s + reviewer_s, 3)})
+                 {"likelihood_s": round(coder_s + reviewer_s, 3), "likelihood_scored": len(usable)})
+
+
+def likelihood_needed(cfg: Config, records: list[dict], copies: int, floor: float) -> list[int] | None:
+    """Which candidates get the likelihood (it costs about as much as generating and inverting
+    them): all of them with --score-all or --signal likelihood; with ladder+likelihood, those it
+    ranks (on their task's top ladder value, when that is at least the floor); else none."""
+    if cfg.score_all or cfg.signal == "likelihood":
+        return list(range(len(records)))
+    if cfg.signal != "ladder+likelihood":
+        return []
+    on_top = []
+    for first in range(0, len(records), copies):
+        group = range(first, min(first + copies, len(records)))
+        top = max(records[i]["ladder"] for i in group)
+        on_top += [i for i in group if records[i]["ladder"] == top] if top >= floor - 1e-9 else []
+    return on_top
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1232,11 +1257,12 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
         tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
     stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
                       label=f"batch {index}")
-    liked = likelihood_values(lm, cfg, stage.records)
-    stage = Stage(liked.records, stage.timing | liked.timing)
     executed = (execute_commands(sandbox, stage.records, cfg.candidates, lm.team) if sandbox
                 else Stage(stage.records, {}))
-    return Stage(executed.records, stage.timing | executed.timing | task_info)
+    needed = likelihood_needed(cfg, executed.records, cfg.candidates, ladder_floor(shellcheck_available()))
+    liked = (likelihood_values(lm, cfg, executed.records, needed) if needed
+             else Stage(executed.records, {}))
+    return Stage(liked.records, stage.timing | executed.timing | liked.timing | task_info)
 
 
 def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[Task],
@@ -1249,7 +1275,9 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
                                 label="probe")
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
                             greedy=True, seed=seed, label="probe")
-    liked = likelihood_values(lm, cfg, judged.records)
+    # the probe's likelihood is its signal's own score for the likelihood signals
+    liked = (likelihood_values(lm, cfg, judged.records) if cfg.score_all or "likelihood" in cfg.signal
+             else Stage(judged.records, {}))
     executed = (execute_commands(sandbox, liked.records, 1, lm.team) if sandbox
                 else Stage(liked.records, {}))
     # before any training the adapter adds exactly zero: the frozen judge is the run's judge

@@ -35,7 +35,8 @@ def log_stage(label: str, stage, summary: dict) -> None:
           f"({tokens_per_s(t['generate_tokens'], t['generate_s'])} tok/s), invert {t['invert_s']:.1f}s "
           f"({tokens_per_s(t['invert_tokens'], t['invert_s'])} tok/s), score {t['score_s']:.1f}s"
           + (f", likelihood {summary['mean_likelihood']:.3f} ({t['likelihood_s']:.1f}s)"
-             if "likelihood_s" in t else "")
+             if "mean_likelihood" in summary and "likelihood_s" in t else
+             f", likelihood of {t['likelihood_scored']} ({t['likelihood_s']:.1f}s)" if "likelihood_s" in t else "")
           + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f}"
              + (f", ladder {summary['mean_ladder']:.2f}" if "mean_ladder" in summary else "")
              + f" ({t['execute_s']:.1f}s)" if "execute_s" in t else ""),

@@ -304,7 +304,7 @@ def top_of_ladder(rows: list[dict], copies: int, floor: float, rank: str | None)
 def test_a_run_trains_on_what_a_ranking_signal_keeps(signal, tiny_model_dir, tmp_path, known_commands, sandbox):
     """Every candidate carries every signal's value; the selected ones are those the rule keeps."""
     args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "s", "--domain", "bash",
-                     "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.0")
+                     "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.0", "--score-all")
     assert isi.main(args) == 0
     floor = 4 / 6 if isi.shellcheck_available() else 3 / 5
     history = read_progress(tmp_path / "s")["history"]
@@ -331,6 +331,23 @@ def test_a_run_trains_on_what_a_ranking_signal_keeps(signal, tiny_model_dir, tmp
         assert history["cycles"][cycle - 1]["signal_up_execution_down"] in (True, False)
     before = [r for c in (1, 2) for r in examples(tmp_path / "s", c) if r["stage"] == "before"]
     assert any(r["selected"] for r in before) and not all(r["selected"] for r in before)
+
+
+def test_the_likelihood_is_computed_where_the_signal_needs_it(tiny_model_dir, tmp_path, known_commands, sandbox):
+    """Without --score-all, ladder+likelihood scores only the candidates it ranks (the same
+    selection as with every candidate scored), and ladder none."""
+    base = tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--domain", "bash", "--candidates", "3", "--tasks", "4")
+    assert isi.main(base + ["--name", "lean", "--signal", "ladder+likelihood"]) == 0
+    assert isi.main(base + ["--name", "all", "--signal", "ladder+likelihood", "--score-all"]) == 0
+    assert isi.main(base + ["--name", "none", "--signal", "ladder"]) == 0
+    lean, full, none = (examples(tmp_path / name, 1) for name in ("lean", "all", "none"))
+    floor = 4 / 6 if isi.shellcheck_available() else 3 / 5
+    before = [r for r in lean if r["stage"] == "before"]
+    scored = [r for r in before if "likelihood" in r]
+    assert scored and len(scored) < len(before)
+    assert all(r["ladder"] >= floor - 1e-9 for r in scored)
+    assert [r["selected"] for r in before] == [r["selected"] for r in full if r["stage"] == "before"]
+    assert not any("likelihood" in r for r in none)
 
 
 def test_stop_on_collapse_stops_after_a_collapsed_cycle_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys,
