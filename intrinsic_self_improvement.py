@@ -765,9 +765,8 @@ def select_for_training(records: list[dict], mode: str, signal: str, rng: random
 # ---------------------------------------------------------------------------------------------
 
 SYNTAX_ERROR = re.compile(r"syntax error|unexpected EOF|unexpected end of file")
-
-
-NOT_FOUND = re.compile(r"command not found|^bash: line \d+: \S+: No such file or directory$", re.M)
+# bash's "command not found", or a path run as a program that does not exist
+NOT_FOUND = nl2bash.NOT_FOUND_LINE
 
 
 USAGE_ERROR = re.compile(
@@ -1211,7 +1210,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     def execute(share: list[dict], commands: list[str]) -> list[dict]:
         # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
         with nl2bash.Evaluator(share, workers=sandbox_workers(cfg, lm.team)) as evaluator:
-            return evaluator.score(commands)
+            return evaluator.score(commands, against_nothing=True)
 
     try:  # each process scores its share of the items; a sandbox missing on one process stops all
         results = lm.team.spread(lambda share, commands: lm.team.together(
@@ -1224,7 +1223,8 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
                             greedy=True, seed=seed, label="eval")
     records = [{"id": item["id"], "difficulty": item["difficulty"]} | r | {
-        k: result[k] for k in ("reward", "success", "nlc2cmd", "exact", "timed_out")}
+        k: result[k] for k in ("reward", "success", "nlc2cmd", "exact", "timed_out", "beats_reward",
+                               "nothing_reward", "trivial_item", "gold_broken")}
         for item, r, result in zip(items, judged.records, results)]
     scores = [r["score"] for r in records]
     timing = {"generate_s": written.timing["generate_s"], "execute_s": round(execute_s, 3),
@@ -1617,15 +1617,6 @@ def execution_signals(runs: list, parses: list, clean: list, shellcheck: bool,
     return values
 
 
-SHELL_COMPLAINT = re.compile(r"^(?:/bin/)?(?:ba)?sh: (?:-c: )?line \d+: .*$\n?", re.M)
-
-
-def without_shell_complaints(run):
-    """The run with bash's own error lines ("bash: line 1: X: command not found", syntax errors)
-    taken out of its output: what is left is what the programs it ran printed."""
-    return dataclasses.replace(run, output=SHELL_COMPLAINT.sub("", run.output))
-
-
 def execution_truth(cfg: Config, team: Team, items: list[dict], commands: list[list[str]]):
     """Each item's commands in the item's own file system, beside the gold command (run afresh:
     time-relative golds age) and the do-nothing command `true`. Per item: the runs, and per
@@ -1649,7 +1640,7 @@ def execution_truth(cfg: Config, team: Team, items: list[dict], commands: list[l
             truths = []
             for run in mine:
                 reward = nl2bash.intercode_reward(gold, run)
-                beats = nl2bash.intercode_reward(gold, without_shell_complaints(run))
+                beats = nl2bash.intercode_reward(gold, nl2bash.without_shell_complaints(run))
                 truths.append({"success": nl2bash.is_success(reward), "reward": reward,
                                "beats_reward": beats, "nothing_reward": nothing_reward,
                                "beats_nothing": beats_nothing(beats, nothing_reward),

@@ -21,9 +21,11 @@ The rest may call: load_items, Evaluator, summarize, aggregate, spearman, nlc2cm
 intercode_reward, exact_match, command_structure, GROUPS.
 """
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import math
+import re
 import select
 import subprocess
 import threading
@@ -360,6 +362,16 @@ def summarize(results: list[dict], items: list[dict]) -> dict:
             "per_difficulty": {d: aggregate(rows) for d, rows in sorted(by_difficulty.items())}}
 
 
+SHELL_COMPLAINT = re.compile(r"^(?:/bin/)?(?:ba)?sh: (?:-c: )?line \d+: .*$\n?", re.M)
+NOT_FOUND_LINE = re.compile(r"command not found|^bash: line \d+: \S+: No such file or directory$", re.M)
+
+
+def without_shell_complaints(run):
+    """The run with bash's own error lines ("bash: line 1: X: command not found", syntax errors)
+    taken out of its output: what is left is what the programs it ran printed."""
+    return dataclasses.replace(run, output=SHELL_COMPLAINT.sub("", run.output))
+
+
 class Evaluator(Sandbox):
     """The benchmark's file systems (InterCode's setup scripts, one per group), each gold command
     run once; then scores any number of candidate lists against the gold runs. Arguments as
@@ -384,14 +396,19 @@ class Evaluator(Sandbox):
         """One command per item, in item order."""
         return self.run_all([item["group"] for item in self.items], commands)
 
-    def score(self, commands: list[str]) -> list[dict]:
+    def score(self, commands: list[str], against_nothing: bool = False) -> list[dict]:
         """One generated command per item (same order as items). Per item: id, command, reward,
         success (reward 1), nlc2cmd, exact, timed_out, truncated, exit_code, p1, p2, p3, seconds,
-        and the first OUTPUT_KEPT_CHARS of the output."""
+        and the first OUTPUT_KEPT_CHARS of the output. With `against_nothing`, the do-nothing
+        command `true` runs too, and each item gets beats_reward (the reward of the output
+        without bash's own complaints), nothing_reward, and trivial_item (doing nothing
+        succeeds)."""
         if len(commands) != len(self.items):
             raise ValueError(f"{len(commands)} commands for {len(self.items)} items")
+        runs = self.run_items(commands)
+        nothing = self.run_items(["true"] * len(commands)) if against_nothing else [None] * len(commands)
         results = []
-        for item, command, gold_run, run in zip(self.items, commands, self.gold_runs, self.run_items(commands)):
+        for item, command, gold_run, run, idle in zip(self.items, commands, self.gold_runs, runs, nothing):
             parts = reward_parts(gold_run, run)
             reward = total_reward(parts)
             references = [item["gold"], item["gold2"]]
@@ -399,6 +416,11 @@ class Evaluator(Sandbox):
                             "nlc2cmd": nlc2cmd_score(command, references), "exact": exact_match(command, references),
                             "timed_out": run.timed_out, "truncated": run.truncated, "exit_code": run.exit_code,
                             **parts, "seconds": run.seconds, "output": run.output[:OUTPUT_KEPT_CHARS]})
+            if idle is not None:
+                nothing_reward = intercode_reward(gold_run, idle)
+                results[-1] |= {"beats_reward": intercode_reward(gold_run, without_shell_complaints(run)),
+                                "nothing_reward": nothing_reward, "trivial_item": is_success(nothing_reward),
+                                "gold_broken": gold_run.exit_code == 127 or bool(NOT_FOUND_LINE.search(gold_run.output))}
         return results
 
 

@@ -76,7 +76,7 @@ def candidate(item, signal, success=False, reward=0.5, beats=False, usable=True,
 def test_shell_complaints_are_not_output_and_broken_items_are_left_out():
     run = sb.Execution(output="/bin/bash: line 1: tree: command not found\nbash: line 2: syntax error near x\n"
                        "ls: cannot access 'a'\n", changes=frozenset(), signatures={}, exit_code=127)
-    assert isi.without_shell_complaints(run).output == "ls: cannot access 'a'\n"
+    assert support.nl2bash.without_shell_complaints(run).output == "ls: cannot access 'a'\n"
     records = [candidate("a", 1.0, True, 1.0, True), candidate("a", 0.0),
                candidate("b", 1.0, True, 1.0, True) | {"gold_broken": True}, candidate("b", 0.0) | {"gold_broken": True}]
     figures = au.audit_figures(records, threshold=0.5, shellcheck_available=True, bootstrap=10)
