@@ -1163,7 +1163,7 @@ def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict],
                  {"likelihood_s": round(coder_s + reviewer_s, 3), "likelihood_scored": len(usable)})
 
 
-def likelihood_needed(cfg: Config, records: list[dict], copies: int, floor: float) -> list[int] | None:
+def likelihood_needed(cfg: Config, records: list[dict], copies: int, floor: float) -> list[int]:
     """Which candidates get the likelihood (it costs about as much as generating and inverting
     them): all of them with --score-all or --signal likelihood; with ladder+likelihood, those it
     ranks (on their task's top ladder value, when that is at least the floor); else none."""
@@ -1331,7 +1331,7 @@ def signal_up_execution_down(signal: str, previous: dict, probe: dict) -> bool |
     where either was not measured."""
     key = SUMMARY_OF[SIGNAL_VALUE[signal]]
     figures = [(p or {}).get(k) for p in (previous, probe) for k in (key, "execution_pass_rate")]
-    if None in figures or key == "execution_pass_rate":
+    if None in figures or key in ("execution_pass_rate", "agreement_rate"):  # one measure, or nothing to rise
         return None
     score_before, passed_before, score, passed = figures
     return score > score_before and passed < passed_before

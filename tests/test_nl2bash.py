@@ -266,6 +266,28 @@ def test_parallel_scoring_matches_serial(known):
     assert strip(parallel) == strip(serial)
 
 
+def test_scoring_against_doing_nothing(known):
+    """against_nothing: `true` scored on every item beside the command; a command's bash complaint
+    ("command not found") is taken out of its output before it is compared with doing nothing."""
+    golds = [item["gold"] for item in known.items]
+    commands = [COPY_GOLD if g == COPY_GOLD else "true" if g == GREP_GOLD else "nosuchprogram /testbed"
+                for g in golds]
+    rows = known.score(commands, against_nothing=True)
+    plain = known.score(commands)
+    for row, bare, gold in zip(rows, plain, golds):
+        assert {k: v for k, v in row.items() if k not in ("seconds", "beats_reward", "nothing_reward", "trivial_item",
+                                                            "gold_broken")} == \
+            {k: v for k, v in bare.items() if k != "seconds"}  # the same scores, and more
+        assert not row["gold_broken"]
+        assert row["nothing_reward"] == score_one(known, gold, "true")["reward"]
+        if gold == GREP_GOLD:  # the command is `true` itself
+            assert row["beats_reward"] == row["nothing_reward"]
+        elif gold != COPY_GOLD:  # its only output is bash's complaint: no better than doing nothing
+            assert "command not found" in row["output"] and row["beats_reward"] == row["nothing_reward"]
+    copy = rows[golds.index(COPY_GOLD)]
+    assert copy["success"] and copy["beats_reward"] == 1.0 and not copy["trivial_item"]
+
+
 def test_score_checks_length(known):
     with pytest.raises(ValueError):
         known.score(["ls"])

@@ -178,6 +178,8 @@ def test_health_of_constructed_batches():
     ("ladder+likelihood", {"mean_likelihood": 0.1, "execution_pass_rate": 0.5},
      {"mean_likelihood": 0.2, "execution_pass_rate": 0.4}, True),
     ("execution", {"execution_pass_rate": 0.5}, {"execution_pass_rate": 0.4}, None),  # its own score is the pass rate
+    ("agreement", {"agreement_rate": 0.0, "execution_pass_rate": 0.5}, {"agreement_rate": 0.1, "execution_pass_rate": 0.4},
+     None),  # agreement implies passing; on the probe (one command a task) it is always 0
     ("inversion", {"mean_score": 0.2}, {"mean_score": 0.4}, None),  # nothing executed
 ])
 def test_signal_up_execution_down(signal, before, after, marked):

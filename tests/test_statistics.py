@@ -53,3 +53,22 @@ def test_an_arm_against_the_baseline():
     assert f["reward_change_ci"] == pytest.approx([0.15, 0.15])
     assert f["mcnemar"][0] | {"p": None} == {"only_treated": 2, "only_control": 1, "p": None}
     assert f["mcnemar"][1]["only_treated"] == 2 and f["mcnemar"][1]["only_control"] == 2
+
+
+def test_the_loop_experiments_figures():
+    """bench/loop_experiment.py: success only on items where doing nothing fails, beats_nothing on
+    all; per seed, over seeds, paired against the untrained model; 'every seed above' exact."""
+    import loop_experiment
+    # (success, beats_nothing, trivial_item); items t0, t1: doing nothing succeeds there
+    base = {f"i{k}": (k == 0, k in (0, 1), False) for k in range(8)} | {f"t{k}": (True, False, True) for k in range(2)}
+    seed0 = {f"i{k}": (k in (0, 1), k in (0, 1, 2), False) for k in range(8)} | {f"t{k}": (False, True, True) for k in range(2)}
+    seed1 = {f"i{k}": (k == 0, k in (0, 1, 3), False) for k in range(8)} | {f"t{k}": (True, True, True) for k in range(2)}
+    f = loop_experiment.arm_figures([seed0, seed1], base)
+    success, beats = f["success_nontrivial"], f["beats_nothing"]
+    assert success["items"] == 8 and beats["items"] == 10  # the trivial items count only for beats_nothing
+    assert success["per_seed"] == [0.25, 0.125] and success["untrained"] == 0.125
+    assert success["mean"] == pytest.approx(0.1875) and success["change"] == pytest.approx(0.0625)
+    assert not success["every_seed_above_untrained"]  # seed 1 only equals it
+    assert beats["per_seed"] == [0.5, 0.5] and beats["untrained"] == 0.2 and beats["every_seed_above_untrained"]
+    assert beats["change"] == pytest.approx(0.3)
+    assert success["mcnemar"][0] | {"p": None} == {"only_treated": 1, "only_control": 0, "p": None}
