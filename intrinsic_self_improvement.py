@@ -51,7 +51,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from support import UsageError, nl2bash
-from support.audit import LADDER, ladder_floor
+from support.audit import LADDER, costs_per_candidate, ladder_floor
+from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
 from support.decoder import answer_logprobs, decode
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
@@ -1714,25 +1715,8 @@ def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[d
             rows[i]["signals"] |= likelihood[i] | d | f
             rows[i] |= t | {"verdict": "unusable" if domain_runs[i] is None
                             else execution_verdict(domain_runs[i])}
-    cost = audit_costs(seconds, len(rows))
+    cost = costs_per_candidate(seconds, len(rows))
     return [r | {"cost": cost} for r in rows]
-
-
-def audit_costs(seconds: dict, candidates: int) -> dict:
-    """Seconds per candidate of each signal, beyond generating the candidates: what computing it
-    took (the ladder's levels share the domain's runs; parses and shellcheck_clean add theirs)."""
-    run = seconds["execution"]
-    cost = {name: seconds[name] for name in ("generate", "certainty", "inversion_embed",
-                                            "inversion_lexical", "inversion_mix", "coder",
-                                            "reviewer", "coder_reviewer")}
-    cost |= {"parses": seconds["parses"], "shellcheck_clean": seconds["shellcheck_clean"],
-             "programs_exist": run, "exits_zero": run, "no_usage_error": run, "effect": run,
-             "execution": run, "agreement": run,
-             "ladder": run + seconds["parses"] + seconds["shellcheck_clean"]}
-    item = seconds["execution_itemfs"]
-    cost |= {"execution_itemfs": item, "agreement_itemfs": item,
-             "ladder_itemfs": item + seconds["parses"] + seconds["shellcheck_clean"]}
-    return {name: round(value / candidates, 5) for name, value in cost.items()}
 
 
 def audit_settings(cfg: Config, args: argparse.Namespace, shellcheck: bool) -> dict:
@@ -1740,36 +1724,6 @@ def audit_settings(cfg: Config, args: argparse.Namespace, shellcheck: bool) -> d
             and k not in AUDIT_RUN_ONLY} | {
         "adapter": None if args.adapter is None else str(Path(args.adapter).resolve()),
         "chunk_items": args.chunk_items, "shellcheck": shellcheck}
-
-
-def audited_so_far(path: Path, items: list[dict], per_item: int) -> list[dict]:
-    """The candidates an audit has written (whole chunks), checked against the items."""
-    if not path.exists():
-        return []
-    try:
-        rows = read_jsonl(path)
-        ids = [r["item"] for r in rows[::per_item]]
-        if len(rows) % per_item or ids != [item["id"] for item in items[:len(ids)]]:
-            raise ValueError("its candidates are not the items' in order")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); the audit cannot go "
-                         f"on from it: remove it, or choose another --name") from None
-    return rows
-
-
-def finish_audit(audit_dir: Path, rows: list[dict], settings: dict, meta: dict,
-                 args: argparse.Namespace) -> dict:
-    """audit.json, audit.png and the printed table, from the candidates."""
-    from support.audit import BEATS_NOTHING_MARGIN, audit_figures, audit_table, plot_audit
-    figures = audit_figures(rows, threshold=settings["threshold"], bootstrap=args.bootstrap,
-                            shellcheck_available=settings["shellcheck"], seed=settings["seed"],
-                            margin=BEATS_NOTHING_MARGIN if args.margin is None else args.margin)
-    result = figures | {"settings": settings} | meta
-    write_json(audit_dir / "audit.json", result)
-    plot_audit(figures, audit_dir / "audit.png")
-    print(audit_table(figures))
-    print(f"wrote {audit_dir / 'audit.json'}, {audit_dir / 'audit.png'}", flush=True)
-    return result
 
 
 def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]:
@@ -1800,30 +1754,16 @@ def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]
 
 
 def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
-    """`audit --from AUDIT_DIR`: the figures again from audit_candidates.jsonl."""
-    try:
-        settings = json.loads((audit_dir / "audit_settings.json").read_text())
-        rows = read_jsonl(audit_dir / "audit_candidates.jsonl")
-        meta = json.loads((audit_dir / "audit.json").read_text()) if (audit_dir / "audit.json").exists() else {}
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--from {audit_dir}: not a readable audit ({type(err).__name__}: {err})") from None
-    if not rows:
-        raise UsageError(f"--from {audit_dir}: the audit has no candidates yet")
-    kept = {k: meta[k] for k in ("machine", "compute", "wall_s", "complete") if k in meta}
+    """`audit --from AUDIT_DIR`: the figures again from audit_candidates.jsonl (its truth
+    executed again with --truth-again); with --against, each signal's change."""
+    settings, rows, meta = read_audit(audit_dir)
     if args.truth_again:
         rows = truth_again(audit_dir, settings, rows)
-    try:
-        before = None if args.against is None else read_jsonl(Path(args.against) / "audit_candidates.jsonl")
-    except (OSError, ValueError) as err:
-        raise UsageError(f"--against {args.against}: not a readable audit ({err})") from None
-    result = finish_audit(audit_dir, rows, settings, kept, args)
+    before = None if args.against is None else read_candidates(args.against)
+    result = write_figures(audit_dir, rows, settings, meta, bootstrap=args.bootstrap, margin=args.margin)
     if before is not None:
-        from support.audit import BEATS_NOTHING_MARGIN, changes_table, paired_changes
-        changes = paired_changes(before, rows, bootstrap=args.bootstrap, seed=settings["seed"],
-                                 margin=BEATS_NOTHING_MARGIN if args.margin is None else args.margin)
-        write_json(audit_dir / "audit_changes.json", changes | {"against": str(args.against)})
-        print(changes_table(changes))
-        print(f"wrote {audit_dir / 'audit_changes.json'}", flush=True)
+        write_changes(audit_dir, args.against, before, rows, bootstrap=args.bootstrap, seed=settings["seed"],
+                      margin=args.margin)
     return result
 
 
@@ -1880,7 +1820,8 @@ def run_audit(cfg: Config, args: argparse.Namespace, team: Team) -> dict:
                       flush=True)
             meta = {"machine": cpu_identity(), "compute": compute_record(lm),
                     "wall_s": round(time.perf_counter() - started, 1), "complete": True}
-            return finish_audit(audit_dir, rows, settings, meta, args) if team.main else {}
+            return (write_figures(audit_dir, rows, settings, meta, bootstrap=args.bootstrap, margin=args.margin)
+                    if team.main else {})
         finally:
             if lock is not None:
                 lock.close()

@@ -11,6 +11,7 @@ script.
     sandbox.py        the bubblewrap sandbox every generated command runs in
     nl2bash.py        the NL2Bash benchmark: items, InterCode's reward, NLC2CMD
     audit.py          the audit's figures: AUROC, Spearman, top-1, bootstrap intervals; table, plot
+    audit_directory.py  the audit's files: what it wrote so far, its figures written and read back
     shellcheck.py     the static analyser, one level of the execution ladder
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them, so the

@@ -10,7 +10,8 @@ with it), the same draws for every signal. A signal that abstains on a candidate
 below every candidate it scored.
 
 The rest may call: auroc, beats_nothing, scored, auroc_draws, spearman_draws, item_draws, interval, top1_values,
-keeps, audit_figures, audit_table, plot_audit, paired_changes, changes_table, SIGNAL_RULES, LADDER, BEATS_NOTHING_MARGIN.
+keeps, costs_per_candidate, audit_figures, audit_table, plot_audit, paired_changes, changes_table, SIGNAL_RULES,
+LADDER, BEATS_NOTHING_MARGIN.
 """
 import math
 from pathlib import Path
@@ -142,6 +143,26 @@ def ladder_floor(shellcheck_available: bool) -> float:
     available = len(LADDER) - (0 if shellcheck_available else 1)
     climbed = LADDER.index("exits_zero") + 1 - (0 if shellcheck_available else 1)
     return climbed / available
+
+
+# --- what each signal costs ------------------------------------------------------------------
+
+def costs_per_candidate(seconds: dict, candidates: int) -> dict:
+    """Seconds per candidate of each signal, beyond generating the candidates: what computing it
+    took (the ladder's levels share the domain's runs; parses and shellcheck_clean add theirs)."""
+    run = seconds["execution"]
+    cost = {name: seconds[name] for name in ("generate", "certainty", "inversion_embed",
+                                            "inversion_lexical", "inversion_mix", "coder",
+                                            "reviewer", "coder_reviewer")}
+    cost |= {"parses": seconds["parses"], "shellcheck_clean": seconds["shellcheck_clean"],
+             "programs_exist": run, "exits_zero": run, "no_usage_error": run, "effect": run,
+             "execution": run, "agreement": run,
+             "ladder": run + seconds["parses"] + seconds["shellcheck_clean"]}
+    item = seconds["execution_itemfs"]
+    cost |= {"execution_itemfs": item, "agreement_itemfs": item,
+             "ladder_itemfs": item + seconds["parses"] + seconds["shellcheck_clean"]}
+    return {name: round(value / candidates, 5) for name, value in cost.items()}
+
 
 
 # --- the figures ------------------------------------------------------------------------------
