@@ -24,7 +24,6 @@ Each run is its own process; a finished run is skipped and a stopped one resumed
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,9 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import intrinsic_self_improvement as isi  # noqa: E402
-import support.model  # noqa: E402
+import signal_experiment  # noqa: E402  (beside this file)
 from support import audit, statistics  # noqa: E402
-from support.run_directory import read_jsonl, write_jsonl  # noqa: E402
+from support.run_directory import read_jsonl  # noqa: E402
 
 SEEDS = (0, 1, 2)
 CYCLES = 3
@@ -91,16 +90,8 @@ def choose(audit_dir: Path) -> tuple[str, dict]:
 
 
 def untrained(output: Path) -> list[dict]:
-    """The untrained model's evaluation records (as a run's eval_cycle_0.jsonl), made once."""
-    path = output / "untrained_eval.jsonl"
-    if not path.exists():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cfg = isi.parse_config(SETTINGS)
-        lm = support.model.load_language_model(cfg)
-        _, records = isi.external_evaluation(lm, support.model.load_embedder(cfg, lm.device), cfg,
-                                             isi.evaluation_items(cfg), 0)
-        write_jsonl(path, records)
-    return read_jsonl(path)
+    """The untrained model's evaluation records on the experiment's items, made once."""
+    return signal_experiment.untrained(output, SETTINGS)
 
 
 def outcomes(records: list[dict]) -> dict:

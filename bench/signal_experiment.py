@@ -68,12 +68,13 @@ def best_arm(output: Path) -> str:
     return max(ARMS, key=key)
 
 
-def untrained(output: Path) -> list[dict]:
-    """The untrained model's evaluation records (as a run's eval_cycle_0.jsonl), made once."""
+def untrained(output: Path, settings: list[str] = SETTINGS) -> list[dict]:
+    """The untrained model's evaluation records (as a run's eval_cycle_0.jsonl) under the runs'
+    settings, made once."""
     path = output / "untrained_eval.jsonl"
     if not path.exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cfg = isi.parse_config(SETTINGS)
+        cfg = isi.parse_config(settings)
         lm = support.model.load_language_model(cfg)
         summary, records = isi.external_evaluation(lm, support.model.load_embedder(cfg, lm.device), cfg,
                                                    isi.evaluation_items(cfg), 0)
