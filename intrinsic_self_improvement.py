@@ -731,19 +731,26 @@ def kept_by_signal(records: list[dict], signal: str, copies: int, threshold: flo
     if signal in per_record:
         return [i for i, r in enumerate(records) if per_record[signal](r)]
     kept = []
-    for first in range(0, len(records), copies):
-        group = list(range(first, min(first + copies, len(records))))
-        if signal == "likelihood":
-            best = max(group, key=lambda i: records[i]["likelihood"])
+    if signal == "likelihood":
+        for first in range(0, len(records), copies):
+            best = max(range(first, min(first + copies, len(records))), key=lambda i: records[i]["likelihood"])
             kept += [best] if records[best]["usable"] and records[best]["likelihood"] >= threshold else []
-            continue
-        top = max(records[i]["ladder"] for i in group)
-        if top < floor - 1e-9:
-            continue
-        at_top = [i for i in group if records[i]["ladder"] == top]
-        ranker = signal.partition("+")[2]
+        return kept
+    ranker = signal.partition("+")[2]
+    for at_top in ladder_tops(records, copies, floor):
         kept += [max(at_top, key=lambda i: records[i][SIGNAL_VALUE[ranker]])] if ranker else at_top
     return kept
+
+
+def ladder_tops(records: list[dict], copies: int, floor: float) -> list[list[int]]:
+    """Per task whose highest ladder value is at least `floor`, its candidates at that value."""
+    tops = []
+    for first in range(0, len(records), copies):
+        group = range(first, min(first + copies, len(records)))
+        top = max(records[i]["ladder"] for i in group)
+        if top >= floor - 1e-9:
+            tops.append([i for i in group if records[i]["ladder"] == top])
+    return tops
 
 
 def select_for_training(records: list[dict], mode: str, signal: str, rng: random.Random, *,
@@ -1172,12 +1179,7 @@ def likelihood_needed(cfg: Config, records: list[dict], copies: int, floor: floa
         return list(range(len(records)))
     if cfg.signal != "ladder+likelihood":
         return []
-    on_top = []
-    for first in range(0, len(records), copies):
-        group = range(first, min(first + copies, len(records)))
-        top = max(records[i]["ladder"] for i in group)
-        on_top += [i for i in group if records[i]["ladder"] == top] if top >= floor - 1e-9 else []
-    return on_top
+    return [i for at_top in ladder_tops(records, copies, floor) for i in at_top]
 
 
 # ---------------------------------------------------------------------------------------------
