@@ -1039,8 +1039,8 @@ def completion_loss(model, batch: dict):
     against 1.06-1.09 s a step in bf16, so it is not done.)"""
     import torch.nn.functional as F
     base = model.get_base_model()
-    hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -1096,10 +1096,14 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     try:
         for batch in tqdm(batches, desc="train", unit="step", leave=False,
                           disable=None if team.main else True):
-            loss, n, width = share_loss(model, batch, team.share(batch), tok.pad_token_id,
-                                        lm.device)
-            if loss is not None:
-                loss.backward()
+            try:
+                loss, n, width = share_loss(model, batch, team.share(batch), tok.pad_token_id,
+                                            lm.device)
+                if loss is not None:
+                    loss.backward()
+            except torch.OutOfMemoryError:
+                raise UsageError(f"out of memory training at --batch-size {cfg.batch_size}: lower --batch-size "
+                                 f"(in a new run: it changes the experiment); completed cycles are kept") from None
             tokens, positions = tokens + n, positions + width
             team.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)

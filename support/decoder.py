@@ -10,6 +10,7 @@ pick_tokens, shared_prefix_length, answer_logprobs (how probable given answers a
 import time
 from dataclasses import dataclass
 
+from support import UsageError
 from support.cpu_products import merged_adapter
 from support.model import LanguageModel
 
@@ -77,9 +78,31 @@ def decode_cache(room: int):
         def batch_select_indices(self, indices) -> None:
             self.reshape_rows(lambda buffer: buffer.index_select(0, indices))
 
+        def drop_rows(self, holes, movers, n: int) -> None:
+            """Rows `movers` move into the rows `holes` that finished; the first n rows are kept,
+            as a view: only the moved rows are copied, not the whole cache."""
+            for buffer in self.buffers:
+                if len(holes):
+                    buffer[holes] = buffer[movers]
+            self.reshape_rows(lambda buffer: buffer[:n])
+
     cache = DynamicCache()
     cache.layer_class_to_replicate = RoomyLayer
     return cache
+
+
+def compacted(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """The batch after its finished slots leave, kept slots `keep` (ascending): the last kept
+    slots move into the finished slots among the first len(keep), so only they are copied.
+    Returns the old slot now at each position, and the finished slots filled (holes) with the
+    slots that fill them (movers)."""
+    n, kept = len(keep), set(keep)
+    holes = [slot for slot in range(n) if slot not in kept]
+    movers = [slot for slot in keep if slot >= n]
+    order = list(range(n))
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order, holes, movers
 
 
 def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
@@ -142,13 +165,33 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
+            order, holes, movers = compacted(keep)
+            if holes:
+                holes, movers = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+            for layer in cache.layers:
+                layer.drop_rows(holes, movers, len(keep))
+            index = torch.tensor(order, device=device)
             mask, chosen = mask[index], chosen[index]
-            rows = [rows[slot] for slot in keep]
+            rows = [rows[slot] for slot in order]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = next_logits(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
     return new_tokens, generated, shared + len(prompts) * width
+
+
+def smaller_batch(lm: LanguageModel, per_batch: int, copies: int, desc: str) -> int:
+    """After an out-of-memory error in a batch of `per_batch` prompts (x `copies` rows): half as
+    many, with one line; at one prompt there is nothing left to halve, so one error line naming
+    the flags that shrink a row."""
+    import torch
+    from tqdm import tqdm
+    if lm.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if per_batch == 1:
+        raise UsageError(f"out of memory in {desc} with a single prompt's {copies} sequence(s): lower "
+                         f"--candidates, --max-command-tokens or --max-inversion-tokens")
+    tqdm.write(f"note: out of memory in {desc} at {per_batch * copies} sequences a batch; retrying at "
+               f"{per_batch // 2 * copies} (--gen-batch-size sets the start)")
+    return per_batch // 2
 
 
 def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temperature: float,
@@ -173,13 +216,21 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temp
         texts = [[("", None)] * copies for _ in share]
         with tqdm(total=len(share) * copies, desc=desc, unit="seq", leave=False,
                   disable=None if team.main else True) as bar:
-            for first in range(0, len(order), per_batch):
+            first = 0
+            while first < len(order):
                 chunk = order[first:first + per_batch]
                 logprobs = [] if with_logprobs else None
-                new_tokens, generated, positions = decode_batch(
-                    lm, [share[i] for i in chunk], copies=copies, temperature=temperature,
-                    max_new_tokens=max_new_tokens, line_done=line_done, generator=generator,
-                    **({"logprobs": logprobs} if with_logprobs else {}))
+                try:
+                    new_tokens, generated, positions = decode_batch(
+                        lm, [share[i] for i in chunk], copies=copies, temperature=temperature,
+                        max_new_tokens=max_new_tokens, line_done=line_done, generator=generator,
+                        **({"logprobs": logprobs} if with_logprobs else {}))
+                except torch.OutOfMemoryError:
+                    new_tokens = None  # retried below, once the failed batch's tensors are released
+                if new_tokens is None:
+                    per_batch = smaller_batch(lm, per_batch, copies, desc)
+                    continue
+                first += len(chunk)
                 counts["tokens"] += generated
                 counts["prefilled"] += positions
                 for k, tokens in enumerate(new_tokens):

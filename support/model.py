@@ -122,6 +122,33 @@ def keep_cpu_4bit_weights_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def is_norm(name: str, module) -> bool:
+    """A normalisation layer (RMSNorm, LayerNorm), by its class or its attribute name."""
+    return "norm" in type(module).__name__.lower() or "norm" in name.rsplit(".", 1)[-1].lower()
+
+
+def set_4bit_dtypes(model, dtype) -> None:
+    """QLoRA's reference set-up (Dettmers et al., qlora.py) for a model with 4-bit weights and its
+    LoRA adapter: the norms' weights in fp32, everything else that is not 4-bit (embeddings, LM
+    head, LoRA) in the compute dtype, and activations in the compute dtype. A norm computes in
+    fp32 and hands its output back in its input's dtype: in PyTorch a fp32 weight times a bf16
+    activation is fp32, and since a 4-bit layer returns its input's dtype, one fp32 norm output
+    would make the attention, the residual stream and the KV cache fp32 (peft's
+    prepare_model_for_kbit_training upcasts embeddings, norms and head to fp32, which does that).
+    The base model stays frozen: get_peft_model leaves only the adapter trainable."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    for name, module in model.named_modules():
+        if is_norm(name, module):
+            module.to(torch.float32)
+            module.register_forward_hook(lambda _, inputs, output: output.to(inputs[0].dtype))
+        elif isinstance(module, LoraLayer):
+            for part in (module.lora_A, module.lora_B):
+                part.to(dtype)
+        elif isinstance(module, torch.nn.Embedding) or module is model.get_output_embeddings():
+            module.to(dtype)
+
+
 @contextlib.contextmanager
 def loading_errors_as_usage(flag: str, value: str):
     """A model that cannot be loaded (not on the hub, hub unreachable, unknown architecture,
@@ -129,8 +156,26 @@ def loading_errors_as_usage(flag: str, value: str):
     try:
         yield
     except (OSError, ValueError, KeyError) as err:
+        if is_gated(err):
+            raise UsageError(
+                f"{flag} {value} is gated on the hub: accept its terms at https://huggingface.co/{value} "
+                f"while logged in there, then give this machine a token of that account (hf auth login, "
+                f"or HF_TOKEN=...)") from None
         reason = " ".join(str(err).split())
         raise UsageError(f"{flag} {value}: cannot load it ({reason[:300]})") from None
+
+
+def is_gated(err: BaseException) -> bool:
+    """Whether a loading error comes from a gated hub repository the token cannot read
+    (transformers wraps huggingface_hub's GatedRepoError in an OSError, sometimes twice)."""
+    from huggingface_hub.errors import GatedRepoError
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, GatedRepoError) or "gated repo" in str(err):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @dataclass
@@ -180,12 +225,11 @@ def load_language_model(cfg, team: Team = Team()) -> LanguageModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if four_bit:
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if four_bit:
+        set_4bit_dtypes(model, dtype)
     from peft.utils import get_peft_model_state_dict
     fresh_adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])

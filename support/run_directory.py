@@ -237,7 +237,7 @@ def save_checkpoint(lm, run_dir: Path, cycle: int, pending, pool: list[dict]) ->
     partial = partial_path(final)
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        lm.model.save_pretrained(partial)
+        lm.model.save_pretrained(partial, save_embedding_layers=False)  # "auto" asks the hub for the base config
     except Exception as err:  # safetensors reports a full disk as its own error type
         if "No space left" in str(err) or "StorageFull" in str(err):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial)) from err

@@ -8,6 +8,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the model hub
+# The suite runs on the CPU whatever the machine has: its runs use --device auto, compare runs bit
+# for bit (which cuBLAS and bitsandbytes do not promise) and hand CPU tensors to models. The GPU is
+# hidden before anything imports torch; tests marked cuda run their checks in a child process that
+# sees it (the `cuda_environment` fixture), and are skipped, saying why, where there is none.
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import support.model
 
@@ -113,3 +119,26 @@ def one_line_error(capsys) -> str:
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("run_last") is not None)  # stable: order kept otherwise
+
+
+def gpu_devices_present() -> bool:
+    """Whether the machine shows an NVIDIA device (without initialising CUDA here)."""
+    import glob
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+@pytest.fixture(scope="session")
+def cuda_environment() -> dict:
+    """The environment of a child process that sees the machine's GPU; skips the test where
+    there is none."""
+    import subprocess
+    if VISIBLE_GPUS == "" or not gpu_devices_present():
+        pytest.skip("no CUDA device on this machine: CUDA checks run where there is one")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if VISIBLE_GPUS is not None:
+        env["CUDA_VISIBLE_DEVICES"] = VISIBLE_GPUS
+    found = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    if found.stdout.strip() != "True":
+        pytest.skip(f"an NVIDIA device is present but torch cannot use it: {found.stderr.strip()[-200:]}")
+    return env

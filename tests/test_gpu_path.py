@@ -1,0 +1,235 @@
+"""The GPU path, checked on the CPU where it can be: the 4-bit configuration's dtypes (bitsandbytes'
+CPU backend runs the same layers), out-of-memory handling (the error simulated), gated hub models,
+no hub call at checkpoints, the decoder's cache compaction; and, on a machine with a GPU only,
+the prepared check itself on a tiny model (tests marked cuda)."""
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import intrinsic_self_improvement as isi
+import support.decoder
+import support.model
+from conftest import ROOT, one_line_error
+from support import UsageError
+from support.run_directory import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def four_bit_bf16(tiny_model_dir):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--quantize", "4bit", "--precision", "bf16",
+                            "--device", "cpu"])
+    return support.model.load_language_model(cfg), cfg
+
+
+def output_dtypes(model, run) -> dict:
+    """The dtype of every module's (first) output while `run` runs, by module name."""
+    seen, hooks = {}, []
+    for name, module in model.named_modules():
+        def hook(_, inputs, output, name=name):
+            first = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(first):
+                seen.setdefault(name, first.dtype)
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return seen
+
+
+def test_four_bit_computes_in_the_compute_dtype_with_norms_in_fp32(four_bit_bf16):
+    """QLoRA's set-up: weights 4-bit, norms' weights fp32, embeddings, head and LoRA bf16; every
+    activation (residual stream, attention, norms' outputs, LoRA) and the KV cache bf16. (peft's
+    prepare_model_for_kbit_training made all of them fp32.)"""
+    lm, _ = four_bit_bf16
+    weights = {name: p.dtype for name, p in lm.model.named_parameters()}
+    assert {d for n, d in weights.items() if "norm" in n} == {torch.float32}
+    assert {d for n, d in weights.items() if "lora_" in n} == {torch.bfloat16}
+    assert {d for n, d in weights.items() if "embed_tokens" in n or "lm_head" in n} == {torch.bfloat16}
+    assert {d for n, d in weights.items() if n.endswith("base_layer.weight") or "mlp" in n} == {torch.uint8}
+    cache = support.decoder.decode_cache(room=4)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    dtypes = output_dtypes(lm.model, lambda: lm.model(input_ids=ids, past_key_values=cache, use_cache=True))
+    layers = [name for name in dtypes if name.rsplit(".", 1)[-1].isdigit()]
+    assert len(layers) == 2 and len(dtypes) > 30
+    assert set(dtypes.values()) == {torch.bfloat16}, {n: d for n, d in dtypes.items() if d != torch.bfloat16}
+    assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} \
+        == {torch.bfloat16}
+
+
+def test_four_bit_bf16_training_step_has_finite_nonzero_lora_gradients(four_bit_bf16):
+    lm, _ = four_bit_bf16
+    lm.model.train()
+    example = isi.command_example(lm.tokenizer, isi.Task("list the files in /tmp"), "ls /tmp")
+    loss, _ = isi.completion_loss(lm.model, isi.collate([example], lm.tokenizer.pad_token_id))
+    loss.backward()
+    grads = [p.grad for n, p in lm.model.named_parameters() if "lora_B" in n]
+    lm.model.zero_grad(set_to_none=True)
+    lm.model.eval()
+    assert torch.isfinite(loss) and len(grads) == 8
+    assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_compacted_moves_only_the_last_kept_rows_into_the_finished_ones():
+    assert support.decoder.compacted([0, 2, 5, 6]) == ([0, 5, 2, 6], [1, 3], [5, 6])
+    assert support.decoder.compacted([0, 1, 2]) == ([0, 1, 2], [], [])  # the finished ones were last
+    assert support.decoder.compacted([4]) == ([4], [0], [4])
+    assert support.decoder.compacted([]) == ([], [], [])
+
+
+def test_dropping_rows_keeps_each_rows_cache_and_room():
+    """After rows leave, each kept row's keys and values are its own, at its new position, and a
+    later token is written in place (the spare room is kept)."""
+    cache = support.decoder.decode_cache(room=3)
+    keys, values = torch.randn(7, 2, 5, 4), torch.randn(7, 2, 5, 4)
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    order, holes, movers = support.decoder.compacted([0, 2, 5, 6])
+    layer.drop_rows(torch.tensor(holes), torch.tensor(movers), 4)
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    before = layer.buffers[0].data_ptr()
+    step = torch.randn(4, 2, 1, 4)
+    cache.update(step, step, 0)
+    assert layer.buffers[0].data_ptr() == before and torch.equal(layer.keys[:, :, 5:], step)
+    assert torch.equal(layer.keys[:, :, :5], keys[order])
+
+
+def failing_above(rows: int, real):
+    """decode_batch that runs out of memory above `rows` sequences, as CUDA would."""
+    calls = []
+
+    def decode_batch(lm, prompts, *, copies, **kwargs):
+        calls.append(len(prompts) * copies)
+        if len(prompts) * copies > rows:
+            torch.zeros(1)  # the failed batch's work
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(lm, prompts, copies=copies, **kwargs)
+    return decode_batch, calls
+
+
+def test_out_of_memory_in_generation_halves_the_batch_and_goes_on(tiny_model_dir, monkeypatch, capsys):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"])
+    lm = support.model.load_language_model(cfg)
+    requests = [isi.command_request(isi.Task(f"list the files in /tmp/{k}")) for k in range(5)]
+    settings = dict(copies=2, temperature=0, max_new_tokens=4, stop_at_line=False, seed=0, desc="generate")
+    expected = isi.generate(lm, requests, batch_size=4, **settings).texts  # the batches the retry makes
+    fake, calls = failing_above(4, support.decoder.decode_batch)
+    monkeypatch.setattr(support.decoder, "decode_batch", fake)
+    assert isi.generate(lm, requests, batch_size=10, **settings).texts == expected
+    assert calls == [10, 4, 4, 2]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: out of memory")]
+    assert notes == ["note: out of memory in generate at 10 sequences a batch; retrying at 4 "
+                     "(--gen-batch-size sets the start)"]
+    fake, calls = failing_above(1, support.decoder.decode_batch)
+    monkeypatch.setattr(support.decoder, "decode_batch", fake)
+    with pytest.raises(UsageError, match="single prompt's 2 sequence.*lower --candidates"):
+        isi.generate(lm, requests, batch_size=10, **settings)
+
+
+def test_out_of_memory_in_training_names_the_flag(tiny_model_dir, monkeypatch):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "2"])
+    lm = support.model.load_language_model(cfg)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(isi, "share_loss", out_of_memory)
+    with pytest.raises(UsageError, match=r"^out of memory training at --batch-size 2: lower --batch-size"):
+        isi.train_adapter(lm, cfg, [(isi.Task("list /tmp"), "ls /tmp")] * 3, seed=0)
+    assert lm.model.training is False
+
+
+def hub_answers_gated(monkeypatch) -> list:
+    """The hub, as transformers reaches it, answers 401 'gated' for every file; returns the calls."""
+    import transformers.utils.hub
+    from huggingface_hub.errors import GatedRepoError
+    from huggingface_hub.utils import httpx
+    calls = []
+
+    def download(repo_id, filename, **kwargs):
+        calls.append(filename)
+        url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+        raise GatedRepoError(f"401 Client Error. Cannot access gated repo for url {url}. Access to model {repo_id} "
+                             f"is restricted. You must have access to it and be authenticated to access it.",
+                             response=httpx.Response(401, request=httpx.Request("GET", url)))
+    monkeypatch.setattr(transformers.utils.hub, "hf_hub_download", download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return calls
+
+
+def test_a_gated_model_is_one_line_saying_how_to_get_access(monkeypatch, tmp_path, capsys):
+    calls = hub_answers_gated(monkeypatch)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hub"))
+    assert isi.main(["--model", "mistralai/Mistral-7B-Instruct-v0.2", "--device", "cpu",
+                     "--output", str(tmp_path / "out")]) == 2
+    line = one_line_error(capsys)
+    assert calls and line == (
+        "error: --model mistralai/Mistral-7B-Instruct-v0.2 is gated on the hub: accept its terms at "
+        "https://huggingface.co/mistralai/Mistral-7B-Instruct-v0.2 while logged in there, then give this machine "
+        "a token of that account (hf auth login, or HF_TOKEN=...)")
+
+
+def test_a_checkpoint_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """peft's save_pretrained asks the hub whether the base model's config exists (to see if the
+    vocabulary was resized) when the model came from a hub id and the hub is not off."""
+    import huggingface_hub
+    import peft.utils.other
+    import peft.utils.save_and_load
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"])
+    lm = support.model.load_language_model(cfg)
+    lm.model.peft_config["default"].base_model_name_or_path = "mistralai/Mistral-7B-Instruct-v0.2"
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for module in (huggingface_hub, peft.utils.other, peft.utils.save_and_load):
+        if hasattr(module, "file_exists"):
+            monkeypatch.setattr(module, "file_exists", lambda *args, **kwargs: asked.append(args) or True)
+    save_checkpoint(lm, tmp_path, 1, SimpleNamespace(records=[], timing={}), [])
+    assert (tmp_path / "checkpoint_cycle_1" / "adapter_model.safetensors").is_file()
+    assert asked == []
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_cpu_path(tmp_path):
+    """bench/gpu_check.py on the CPU with a tiny model: every stage runs and writes its figures."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu",
+                           "--out", str(out), "--scratch", str(tmp_path / "scratch")],
+                          capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    check_figures(json.loads(out.read_text()))
+
+
+def check_figures(figures: dict) -> None:
+    """What the check must have found, wherever it ran."""
+    assert figures["failed"] == [], figures["failed"]
+    four_bit = figures["load_4bit"]
+    assert four_bit["dtypes"]["activations"] == [four_bit["compute_dtype"]]
+    assert four_bit["dtypes"]["kv_cache"] == [four_bit["compute_dtype"]]
+    assert four_bit["dtypes"]["norm_weights"] == ["float32"]
+    stopping = figures["stopping"]
+    assert stopping["rows"] > stopping["distinct_lengths"] > 2 and stopping["compactions"] > 0
+    assert figures["decoder_vs_generate"]["tokens_equal"] == figures["decoder_vs_generate"]["prompts"]
+    assert set(figures["decode_steps"]["4bit"]) == {"150", "20", "4"}
+    qlora = figures["qlora_steps"]
+    assert qlora["steps"] == 10 and qlora["lora_gradients_finite"] and qlora["lora_gradients_nonzero"]
+    cli = figures["cli"]
+    assert cli["returncodes"] == [0, 0] and cli["last_completed_cycle"] == 3
+    assert figures["collective"]["sum"] == 1.0
+
+
+@pytest.mark.cuda
+def test_the_gpu_check_on_the_gpu_with_a_tiny_model(tmp_path, cuda_environment):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cuda",
+                           "--shape", "tiny", "--out", str(out), "--scratch", str(tmp_path / "scratch")],
+                          capture_output=True, text=True, timeout=500, env=cuda_environment)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    check_figures(figures)
+    assert figures["environment"]["bitsandbytes_library"].endswith(".so")
+    assert figures["decode_steps"]["4bit"]["150"]["gpu_busy_share"] > 0
