@@ -39,7 +39,7 @@ PUBLISHED_TOKENS = {"command": 100, "inversion": 50, "rating": 5}
 
 # Mistral-7B-Instruct-v0.2's tokenizer is the v1 sentencepiece file that mistral-common ships; the
 # Makefile installs that package here, off the import path (installed, it changes AutoTokenizer).
-# MISTRAL_V1_TOKENIZER names the file elsewhere (a GPU machine: bench/gpu_bench.sh).
+# MISTRAL_V1_TOKENIZER names the file elsewhere (a GPU machine: bench/gpu_check.py --wheels).
 MISTRAL_V1_TOKENIZER = Path(os.environ.get("MISTRAL_V1_TOKENIZER") or
                             Path(sys.prefix) / "mistral-common" / "mistral_common" / "data" / "tokenizer.model.v1")
 # Mistral-7B-Instruct-v0.2's published chat template: BOS written into the text, user and

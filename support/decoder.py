@@ -24,13 +24,18 @@ class Generated:
     mean_logprobs: list[float | None] | None = None  # per text, with_logprobs: its tokens' mean log-probability
 
 
-def pick_tokens(logits, temperature: float, generator, top_k: int = 50):
-    """Greedy at temperature 0; otherwise top-k sampling at the temperature."""
+def pick_tokens(logits, temperature: float, generator, top_k: int = 50, order=None):
+    """Greedy at temperature 0; otherwise top-k sampling at the temperature. `order` (a tensor of
+    batch rows) is the order the rows take their random draws in, the batch's own by default: a
+    row draws the same numbers wherever compaction has moved it in the batch."""
     import torch
     if temperature == 0:
         return logits.argmax(-1)
     top = torch.topk(logits / temperature, min(top_k, logits.shape[-1]))
-    choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+    values = top.values if order is None else top.values[order]
+    choice = torch.multinomial(torch.softmax(values, -1), 1, generator=generator)
+    if order is not None:
+        choice = torch.empty_like(choice).index_copy_(0, order, choice)
     return top.indices.gather(-1, choice).squeeze(-1)
 
 
@@ -141,12 +146,13 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
         cache.batch_repeat_interleave(copies)
         logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
+    draw_order = None  # the slots in the rows' order, once compaction has moved rows
     new_tokens = [[] for _ in rows]
     if logprobs is not None:
         logprobs.extend([] for _ in rows)
     generated = 0
     for step in range(max_new_tokens):
-        chosen = pick_tokens(logits, temperature, generator)
+        chosen = pick_tokens(logits, temperature, generator, order=draw_order)
         generated += len(rows)
         if logprobs is not None:
             chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0].tolist()
@@ -173,6 +179,8 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
             index = torch.tensor(order, device=device)
             mask, chosen = mask[index], chosen[index]
             rows = [rows[slot] for slot in order]
+            # the rows draw their random numbers in their own order, as they did before any moved
+            draw_order = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__), device=device)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = next_logits(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
     return new_tokens, generated, shared + len(prompts) * width
