@@ -100,6 +100,34 @@ def test_dropping_rows_keeps_each_rows_cache_and_room():
     assert torch.equal(layer.keys[:, :, :5], keys[order])
 
 
+def test_sampled_rows_draw_as_if_none_had_moved(tiny_model_dir, monkeypatch):
+    """Compaction moves rows in the batch; each row still takes its random draws in row order, so
+    sampled texts equal those of compacting in order (the rows' own order kept, every later row
+    copied), as the decoder did before."""
+    import dataclasses
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    lm = dataclasses.replace(lm, stop_ids=frozenset(range(0, len(lm.tokenizer), 5)))  # rows stop at varied steps
+    prompts = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task(f"list /tmp/{k}"))) for k in range(6)]
+
+    def sampled():
+        return support.decoder.decode(lm, prompts, copies=3, temperature=0.9, max_new_tokens=12, batch_size=18,
+                                      seed=3, desc="t").texts
+    real, moved = support.decoder.compacted, []
+
+    def watched(keep):
+        moved.append(bool(real(keep)[1]))
+        return real(keep)
+
+    def in_order(keep):  # every kept row to its rank: the rows' order never changes
+        holes = [k for k, slot in enumerate(keep) if slot != k]
+        return list(keep), holes, [keep[k] for k in holes]
+    monkeypatch.setattr(support.decoder, "compacted", watched)
+    texts = sampled()
+    monkeypatch.setattr(support.decoder, "compacted", in_order)
+    assert texts == sampled() and any(moved)
+    assert len({len(text) for text in texts}) > 3
+
+
 def failing_above(rows: int, real):
     """decode_batch that runs out of memory above `rows` sequences, as CUDA would."""
     calls = []
