@@ -180,7 +180,8 @@ class Config:
         48, "cap on new tokens for a command (generation also stops at its first line)")
     max_inversion_tokens: int = setting(40, "cap on new tokens for a reconstructed task")
     gen_batch_size: int = setting(
-        160, "sequences per batch in generation (a prompt's candidates share one prefill)")
+        160, "sequences per batch in generation (a prompt's candidates share one prefill); out of GPU "
+        "memory, a run halves it and goes on")
     cpu_matmul: str = setting(
         "auto",
         "the CPU's products with the frozen weights: packed: the weights reordered once for "
