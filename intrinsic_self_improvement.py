@@ -53,7 +53,7 @@ from pathlib import Path
 from support import UsageError, nl2bash
 from support.audit import LADDER, costs_per_candidate, ladder_floor
 from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
-from support.decoder import answer_logprobs, decode
+from support.decoder import answer_logprobs, decode, one_each
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
@@ -180,8 +180,9 @@ class Config:
         48, "cap on new tokens for a command (generation also stops at its first line)")
     max_inversion_tokens: int = setting(40, "cap on new tokens for a reconstructed task")
     gen_batch_size: int = setting(
-        160, "sequences per batch in generation (a prompt's candidates share one prefill); out of GPU "
-        "memory, a run halves it and goes on")
+        176, "sequences per batch in generation (a prompt's candidates share one prefill; the default "
+        "holds the published 50 x 3 and the 20 probe tasks); out of GPU memory, a run halves it and "
+        "goes on")
     cpu_matmul: str = setting(
         "auto",
         "the CPU's products with the frozen weights: packed: the weights reordered once for "
@@ -503,6 +504,11 @@ def embedding_scores(embedder, originals: list[str], reconstructions: list[str])
 # The stages: GENERATE, INVERT, SCORE, SELECT
 # ---------------------------------------------------------------------------------------------
 
+def per_row(values: list, copies: list[int]) -> list:
+    """Each item's value once for each of its `copies` rows (a stage's records)."""
+    return [value for value, n in zip(values, copies) for _ in range(n)]
+
+
 @dataclass
 class Stage:
     """Records of one stage over a list of tasks (one per candidate, a task's adjacent), and
@@ -511,12 +517,12 @@ class Stage:
     timing: dict
 
 
-def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, temperature: float,
-             max_new_tokens: int, stop_at_line: bool, batch_size: int, seed: int, desc: str,
-             with_logprobs: bool = False):
+def generate(lm: LanguageModel, requests: list[str], *, copies: int | list[int] = 1,
+             temperature: float | list[float], max_new_tokens: int, stop_at_line: bool,
+             batch_size: int, seed: int, desc: str, with_logprobs: bool = False):
     """The model's answers to requests in its own chat format, `copies` each (temperature 0:
-    greedy), stopped at their first complete line when `stop_at_line`. Each process of a team
-    decodes its share with a random stream of its own."""
+    greedy; both one for all requests or one each), stopped at their first complete line when
+    `stop_at_line`. Each process of a team decodes its share with a random stream of its own."""
     if lm.team.size > 1:
         seed = stage_seed(seed, "process", lm.team.rank)
     return decode(lm, [prompt_ids(lm.tokenizer, r) for r in requests], copies=copies,
@@ -525,18 +531,21 @@ def generate(lm: LanguageModel, requests: list[str], *, copies: int = 1, tempera
                   seed=seed, desc=desc, with_logprobs=with_logprobs)
 
 
-def generate_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copies: int,
-                      greedy: bool, seed: int, label: str, certainty: bool = False) -> Stage:
-    """GENERATE: `copies` commands per task (adjacent in the records). `certainty`: each record
-    also gets its output's mean token log-probability as sampled (a self-certainty signal)."""
+def generate_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copies: int | list[int],
+                      greedy: bool | list[bool], seed: int, label: str, certainty: bool = False) -> Stage:
+    """GENERATE: `copies` commands per task (adjacent in the records), sampled or `greedy` (both
+    one for all tasks or one per task: greedy tasks ride in the sampled batches, which draw as
+    they would alone). `certainty`: each record also gets its output's mean token
+    log-probability as sampled (a self-certainty signal)."""
+    copies, greedy = one_each(copies, len(tasks)), one_each(greedy, len(tasks))
     gen = generate(lm, [command_request(t) for t in tasks], copies=copies,
-                   temperature=0 if greedy else cfg.temperature,
+                   temperature=[0 if g else cfg.temperature for g in greedy],
                    max_new_tokens=cfg.max_command_tokens, stop_at_line=True,
                    batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "generate"),
                    desc=f"{label}: generate", with_logprobs=certainty)
     records = []
-    for i, text in enumerate(gen.texts):
-        task, command = tasks[i // copies], extract_command(text)
+    for i, (task, text) in enumerate(zip(per_row(tasks, copies), gen.texts)):
+        command = extract_command(text)
         records.append({"task": task.text, "tool": task.tool, "output": text, "command": command,
                         "usable": is_usable_command(command)}
                        | ({"certainty": gen.mean_logprobs[i]} if certainty else {}))
@@ -544,12 +553,14 @@ def generate_commands(lm: LanguageModel, cfg: Config, tasks: list[Task], *, copi
                            "generate_prefilled": gen.prefilled})
 
 
-def invert_commands(lm: LanguageModel, cfg: Config, records: list[dict], *, greedy: bool, seed: int,
-                    label: str) -> Stage:
-    """INVERT: the model reconstructs each usable command's task ('' for the others)."""
+def invert_commands(lm: LanguageModel, cfg: Config, records: list[dict], *, greedy: bool | list[bool],
+                    seed: int, label: str) -> Stage:
+    """INVERT: the model reconstructs each usable command's task ('' for the others), sampled or
+    `greedy` (one for all records or one each)."""
     usable = [i for i, r in enumerate(records) if r["usable"]]
     requests = [inversion_request(records[i]["command"]) for i in usable]
-    inv = generate(lm, requests, temperature=0 if greedy else cfg.invert_temperature,
+    greedy = one_each(greedy, len(records))
+    inv = generate(lm, requests, temperature=[0 if greedy[i] else cfg.invert_temperature for i in usable],
                    max_new_tokens=cfg.max_inversion_tokens, stop_at_line=True,
                    batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "invert"),
                    desc=f"{label}: invert")
@@ -599,7 +610,7 @@ def score_reconstructions(lm: LanguageModel, embedder, cfg: Config, records: lis
 
 
 def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *, frozen: bool,
-                   greedy: bool, seed: int, label: str) -> Stage:
+                   greedy: bool | list[bool], seed: int, label: str) -> Stage:
     """INVERT and SCORE by one judge. With `frozen`, the base model (adapter disabled)
     reconstructs and rates, so the judge cannot drift with the model it judges."""
     with lm.model.disable_adapter() if frozen else contextlib.nullcontext():
@@ -608,13 +619,15 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
     return Stage(scored.records, inverted.timing | scored.timing)
 
 
-def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, copies: int,
-              greedy: bool, seed: int, label: str) -> Stage:
-    """GENERATE, INVERT, SCORE over a batch of tasks, with the run's judge."""
+def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, copies: int | list[int],
+              greedy: bool | list[bool], seed: int, label: str) -> Stage:
+    """GENERATE, INVERT, SCORE over a batch of tasks, with the run's judge (`copies` and
+    `greedy`: one for all tasks or one per task, all decoded in the same passes)."""
     written = generate_commands(lm, cfg, tasks, copies=copies, greedy=greedy, seed=seed,
                                 label=label)
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
-                            greedy=greedy, seed=seed, label=label)
+                            greedy=per_row(one_each(greedy, len(tasks)), one_each(copies, len(tasks))),
+                            seed=seed, label=label)
     return Stage(judged.records, written.timing | judged.timing)
 
 
@@ -1254,49 +1267,52 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
 # ---------------------------------------------------------------------------------------------
 
 def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict, index: int,
-                probe_texts: frozenset) -> Stage:
+                probe_tasks: list[Task]) -> tuple[Stage, list[dict]]:
     """GENERATE, INVERT, SCORE on fresh tasks (never probe tasks), `--candidates` sampled
-    commands each; and each command executed where the domain has a sandbox."""
+    commands each; and each command executed where the domain has a sandbox. The probe's tasks
+    ride along in the same decoding passes, greedy, one command each (the sampled rows draw as
+    they would alone): returned apart, generated, inverted and scored by the run's judge."""
     seed, rng = stage_seed(cfg.seed, "batch",
                            index), random.Random(stage_seed(cfg.seed, "tasks", index))
+    probe_texts = frozenset(t.text for t in probe_tasks)
     if cfg.task_source == "model":
         tasks, task_info = write_tasks(lm, cfg, domain, cfg.tasks, rng, seed, probe_texts)
     else:
         tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
-    stage = run_stage(lm, embedder, cfg, tasks, copies=cfg.candidates, greedy=False, seed=seed,
-                      label=f"batch {index}")
-    executed = (execute_commands(sandbox, stage.records, cfg.candidates, lm.team) if sandbox
-                else Stage(stage.records, {}))
+    stage = run_stage(lm, embedder, cfg, tasks + probe_tasks,
+                      copies=[cfg.candidates] * len(tasks) + [1] * len(probe_tasks),
+                      greedy=[False] * len(tasks) + [True] * len(probe_tasks), seed=seed,
+                      label=f"batch {index}" + (" and probe" if probe_tasks else ""))
+    records, probe_records = stage.records[:len(tasks) * cfg.candidates], stage.records[len(tasks) * cfg.candidates:]
+    executed = (execute_commands(sandbox, records, cfg.candidates, lm.team) if sandbox
+                else Stage(records, {}))
     needed = likelihood_needed(cfg, executed.records, cfg.candidates, ladder_floor(shellcheck_available()))
     liked = (likelihood_values(lm, cfg, executed.records, needed) if needed
              else Stage(executed.records, {}))
-    return Stage(liked.records, stage.timing | executed.timing | liked.timing | task_info)
+    return Stage(liked.records, stage.timing | executed.timing | liked.timing | task_info), probe_records
 
 
-def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[Task],
+def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
           cycle: int) -> tuple[dict, list[dict]]:
-    """The fixed probe set, greedy, judged by the run's judge and by the frozen base model."""
-    if not probe_tasks:
+    """The fixed probe set, its greedy commands generated and judged by the run's judge in the
+    fresh batch's passes (`judged`): their likelihood where the signal uses it, their execution,
+    and their judgement by the frozen base model. Its seconds are these; the commands' and the
+    run's judge's are counted in the batch's."""
+    if not judged:
         return {}, []
     seed = stage_seed(cfg.seed, "probe", cycle)
-    written = generate_commands(lm, cfg, probe_tasks, copies=1, greedy=True, seed=seed,
-                                label="probe")
-    judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
-                            greedy=True, seed=seed, label="probe")
     # the probe's likelihood is its signal's own score for the likelihood signals
-    liked = (likelihood_values(lm, cfg, judged.records) if cfg.score_all or "likelihood" in cfg.signal
-             else Stage(judged.records, {}))
+    liked = (likelihood_values(lm, cfg, judged) if cfg.score_all or "likelihood" in cfg.signal
+             else Stage(judged, {}))
     executed = (execute_commands(sandbox, liked.records, 1, lm.team) if sandbox
                 else Stage(liked.records, {}))
     # before any training the adapter adds exactly zero: the frozen judge is the run's judge
-    frozen = judged if cfg.judge == "frozen" or cycle == 0 else judge_commands(
-        lm, embedder, cfg, written.records, frozen=True, greedy=True, seed=seed,
-        label="probe, frozen judge")
+    frozen = Stage(judged, {}) if cfg.judge == "frozen" or cycle == 0 else judge_commands(
+        lm, embedder, cfg, judged, frozen=True, greedy=True, seed=seed, label="probe, frozen judge")
     records = [r | {"frozen_reconstruction": f["reconstruction"], "frozen_score": f["score"]}
                for r, f in zip(executed.records, frozen.records)]
     frozen_summary = summarize(frozen.records, cfg.scorer)
-    timings = [written.timing, judged.timing, liked.timing, executed.timing] + [frozen.timing] * (frozen is not judged)
-    seconds = sum(v for t in timings for k, v in t.items() if k.endswith("_s"))
+    seconds = sum(v for t in (liked.timing, executed.timing, frozen.timing) for k, v in t.items() if k.endswith("_s"))
     summary = summarize(executed.records, cfg.scorer) | {
         "frozen_mean_score": frozen_summary["mean_score"],
         "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
@@ -1309,13 +1325,13 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, probe_tasks: list[T
 
 
 def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Path,
-                  probe_tasks: list[Task], eval_items: list[dict] | None) -> dict:
-    """A new run's history, with cycle 0: the untrained model's probe and evaluation."""
+                  probe_judged: list[dict], eval_items: list[dict] | None) -> dict:
+    """A new run's history, with cycle 0: the untrained model's probe (`probe_judged`: its
+    commands, judged in the first batch's passes) and evaluation."""
     # processes[c]: how many processes ran cycle c (0: the untrained model's probe and evaluation)
     history = {"cycles": [], "total_generated": 0, "total_accepted": 0, "config": experiment_settings(cfg),
                "compute": compute_record(lm) | {"processes": [lm.team.size]}}
-    print("cycle 0 (before any training)", flush=True)
-    history["probe_initial"], records = probe(lm, embedder, sandbox, cfg, probe_tasks, 0)
+    history["probe_initial"], records = probe(lm, embedder, sandbox, cfg, probe_judged, 0)
     if lm.team.main:
         write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
     if eval_items and cfg.eval_every:
@@ -1352,7 +1368,6 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     only the main one writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
                              distinct=True)
-    probe_texts = frozenset(t.text for t in probe_tasks)
     # the other processes learn whether the main one could write the run directory
     last_completed = saved["last_completed_cycle"] if saved else -1
     team.together(lambda: prepare_run_directory(run_dir, last_completed) if team.main else None)
@@ -1362,8 +1377,9 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
     if saved is None:
-        history = start_history(lm, embedder, sandbox, cfg, run_dir, probe_tasks, eval_items)
-        pending = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_texts)
+        print("cycle 0 (before any training)", flush=True)
+        pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks)
+        history = start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, eval_items)
         pool, first_cycle = [], 1
     else:
         history = resumed_history(saved, compute_record(lm), team.size)
@@ -1400,12 +1416,13 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         log_training(training)
 
         # GENERATE, INVERT, SCORE fresh tasks with the trained model: this cycle's "after"
-        after_stage = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_texts)
+        # (the fixed probe tasks ride along, greedy)
+        after_stage, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_tasks)
         after = summarize(after_stage.records, cfg.scorer)
         log_stage("after", after_stage, after)
 
         # PROBE and EVALUATE: the fixed probe tasks, greedy; NL2Bash, executed
-        probe_summary, probe_records = probe(lm, embedder, sandbox, cfg, probe_tasks, cycle)
+        probe_summary, probe_records = probe(lm, embedder, sandbox, cfg, probe_judged, cycle)
         evaluation = None
         if eval_items and ((cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles):
             evaluation, records = external_evaluation(lm, embedder, cfg, eval_items, cycle)

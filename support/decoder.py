@@ -2,10 +2,11 @@
 
 The prefix all prompts share (chat header, instruction) is prefilled once; each prompt's rest
 once for all its samples; a row leaves the batch as soon as it stops, so finished rows cost
-nothing. Several processes each decode their share of the prompts.
+nothing; greedy and sampled rows share a batch, so a stage's greedy prompts (the probe's) ride
+in its sampled batches. Several processes each decode their share of the prompts.
 
 The rest may call: decode (all prompts of a stage), decode_batch (one batch), Generated,
-pick_tokens, shared_prefix_length, answer_logprobs (how probable given answers are).
+pick_tokens, one_each, shared_prefix_length, answer_logprobs (how probable given answers are).
 """
 import time
 from dataclasses import dataclass
@@ -24,13 +25,27 @@ class Generated:
     mean_logprobs: list[float | None] | None = None  # per text, with_logprobs: its tokens' mean log-probability
 
 
-def pick_tokens(logits, temperature: float, generator, top_k: int = 50, order=None):
-    """Greedy at temperature 0; otherwise top-k sampling at the temperature. `order` (a tensor of
-    batch rows) is the order the rows take their random draws in, the batch's own by default: a
-    row draws the same numbers wherever compaction has moved it in the batch."""
+def pick_tokens(logits, temperature, generator, top_k: int = 50, order=None):
+    """Greedy at temperature 0; otherwise top-k sampling at the temperature: one for all rows, or
+    one per row (a tensor), where the greedy rows draw no random numbers, so the sampled rows
+    draw what they would in a batch of their own. `order` (a tensor of batch rows) is the order
+    the rows take their random draws in, the batch's own by default: a row draws the same
+    numbers wherever compaction has moved it in the batch."""
     import torch
-    if temperature == 0:
-        return logits.argmax(-1)
+    if not torch.is_tensor(temperature):
+        return logits.argmax(-1) if temperature == 0 else sample(logits, temperature, generator, top_k, order)
+    chosen = logits.argmax(-1)
+    slots = torch.arange(len(logits), device=logits.device) if order is None else order
+    sampling = slots[temperature[slots] > 0]  # the sampled rows' slots, in the rows' order
+    if len(sampling):
+        chosen[sampling] = sample(logits[sampling], temperature[sampling, None], generator, top_k)
+    return chosen
+
+
+def sample(logits, temperature, generator, top_k: int, order=None):
+    """One token per row from the top_k logits at the temperature (a number, or a column), the
+    rows drawing in `order` (slots; their own by default)."""
+    import torch
     top = torch.topk(logits / temperature, min(top_k, logits.shape[-1]))
     values = top.values if order is None else top.values[order]
     choice = torch.multinomial(torch.softmax(values, -1), 1, generator=generator)
@@ -110,17 +125,20 @@ def compacted(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
     return order, holes, movers
 
 
-def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, temperature: float,
-                 max_new_tokens: int, line_done, generator,
+def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | list[int],
+                 temperature: float | list[float], max_new_tokens: int, line_done, generator,
                  logprobs: list | None = None) -> tuple[list[list[int]], int, int]:
     """Continue prompts with a KV cache. The prefix all prompts share (chat header, instruction)
     is prefilled once; the rest of each prompt is left-padded after it, and prefilled once for its
     `copies` samples; a row leaves the batch as soon as it stops (EOS, or `line_done` of its text
-    at a newline token, when given), so finished rows cost nothing. Returns new tokens per row, tokens generated, and
-    prompt positions prefilled (padding included). A `logprobs` list receives, per row, the
-    log-probability of each new token under the model's own distribution (temperature 1, the
-    whole vocabulary), whatever temperature sampled it."""
+    at a newline token, when given), so finished rows cost nothing. `copies` and `temperature`:
+    one for every prompt, or one per prompt (greedy and sampled rows share the batch). Returns
+    new tokens per row (a prompt's copies adjacent), tokens generated, and prompt positions
+    prefilled (padding included). A `logprobs` list receives, per row, the log-probability of
+    each new token under the model's own distribution (temperature 1, the whole vocabulary),
+    whatever temperature sampled it."""
     import torch
+    copies, temperature = one_each(copies, len(prompts)), one_each(temperature, len(prompts))
     model, tok, device = lm.model, lm.tokenizer, lm.device
     shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)  # every row keeps a token
     base = model.get_base_model()
@@ -142,9 +160,13 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in suffixes], device=device)
     mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in suffixes], device=device)
     logits = next_logits(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0))
-    if copies > 1:
-        cache.batch_repeat_interleave(copies)
-        logits, mask = logits.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+    if max(copies) > 1:
+        repeats = copies[0] if len(set(copies)) == 1 else torch.tensor(copies, device=device)
+        cache.batch_repeat_interleave(repeats)
+        logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+    row_temperatures = [t for t, c in zip(temperature, copies) for _ in range(c)]
+    temperature = (row_temperatures[0] if len(set(row_temperatures)) == 1
+                   else torch.tensor(row_temperatures, device=device))  # per slot, moved with its row
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
     draw_order = None  # the slots in the rows' order, once compaction has moved rows
     new_tokens = [[] for _ in rows]
@@ -178,6 +200,8 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
                 layer.drop_rows(holes, movers, len(keep))
             index = torch.tensor(order, device=device)
             mask, chosen = mask[index], chosen[index]
+            if torch.is_tensor(temperature):
+                temperature = temperature[index]
             rows = [rows[slot] for slot in order]
             # the rows draw their random numbers in their own order, as they did before any moved
             draw_order = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__), device=device)
@@ -186,30 +210,48 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int, te
     return new_tokens, generated, shared + len(prompts) * width
 
 
-def smaller_batch(lm: LanguageModel, per_batch: int, copies: int, desc: str) -> int:
-    """After an out-of-memory error in a batch of `per_batch` prompts (x `copies` rows): half as
-    many, with one line; at one prompt there is nothing left to halve, so one error line naming
-    the flags that shrink a row."""
+def one_each(value, n: int) -> list:
+    """One value for all n items (prompts), or a list of one each: as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def next_batch(copies: list[int], budget: int) -> int:
+    """How many of the prompts (their copies in decoding order) make the next batch: as many as
+    fit in `budget` sequences, at least one."""
+    rows, n = 0, 0
+    while n < len(copies) and (n == 0 or rows + copies[n] <= budget):
+        rows, n = rows + copies[n], n + 1
+    return n
+
+
+def smaller_batch(lm: LanguageModel, copies: list[int], desc: str) -> int:
+    """After an out-of-memory error in a batch of prompts with `copies` rows each: a budget of
+    the rows of half as many prompts, with one line; at one prompt there is nothing left to
+    halve, so one error line naming the flags that shrink a row."""
     import torch
     from tqdm import tqdm
     if lm.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    if per_batch == 1:
-        raise UsageError(f"out of memory in {desc} with a single prompt's {copies} sequence(s): lower "
+    if len(copies) == 1:
+        raise UsageError(f"out of memory in {desc} with a single prompt's {copies[0]} sequence(s): lower "
                          f"--candidates, --max-command-tokens or --max-inversion-tokens")
-    tqdm.write(f"note: out of memory in {desc} at {per_batch * copies} sequences a batch; retrying at "
-               f"{per_batch // 2 * copies} (--gen-batch-size sets the start)")
-    return per_batch // 2
+    budget = sum(copies[:len(copies) // 2])
+    tqdm.write(f"note: out of memory in {desc} at {sum(copies)} sequences a batch; retrying at "
+               f"{budget} (--gen-batch-size sets the start)")
+    return budget
 
 
-def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temperature: float,
-           max_new_tokens: int, line_done=None, batch_size: int, seed: int, desc: str,
-           with_logprobs: bool = False) -> Generated:
-    """All prompts of a stage (token ids), batched: sorted by length, about `batch_size`
-    sequences per batch (per process); `copies` continuations of each, as text. temperature 0
-    means greedy; `seed` seeds this process's random stream. Several processes each take their
-    share of the prompts. `with_logprobs`: also each text's mean token log-probability under
-    the model (None for an empty text)."""
+def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int | list[int] = 1,
+           temperature: float | list[float], max_new_tokens: int, line_done=None, batch_size: int,
+           seed: int, desc: str, with_logprobs: bool = False) -> Generated:
+    """All prompts of a stage (token ids), batched: sorted by length, at most `batch_size`
+    sequences per batch (per process; a prompt's copies stay together); `copies` continuations of
+    each, as text, a prompt's adjacent. `copies` and `temperature` are one for every prompt or one
+    per prompt, so greedy prompts can ride in a stage's sampled batches: temperature 0 means greedy
+    and draws no random numbers, so the sampled rows draw as they would without them. `seed`
+    seeds this process's random stream. Several processes each take their share of the prompts.
+    `with_logprobs`: also each text's mean token log-probability under the model (None for an
+    empty text)."""
     import torch
     from tqdm import tqdm
     start = time.perf_counter()
@@ -217,39 +259,46 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int = 1, temp
     generator = torch.Generator(device=lm.device).manual_seed(seed)
     counts = {"tokens": 0, "prefilled": 0}
 
-    def continue_prompts(share: list[list[int]]) -> list[list[str]]:
-        """`copies` continuations of each prompt."""
+    def continue_prompts(share: list[list[int]], share_copies: list[int],
+                         share_temperatures: list[float]) -> list[list[tuple]]:
+        """Each prompt's continuations, with their mean log-probabilities."""
         order = sorted(range(len(share)), key=lambda i: len(share[i]))
-        per_batch = max(1, batch_size // copies)
-        texts = [[("", None)] * copies for _ in share]
-        with tqdm(total=len(share) * copies, desc=desc, unit="seq", leave=False,
+        budget = batch_size
+        texts = [[("", None)] * n for n in share_copies]
+        with tqdm(total=sum(share_copies), desc=desc, unit="seq", leave=False,
                   disable=None if team.main else True) as bar:
             first = 0
             while first < len(order):
-                chunk = order[first:first + per_batch]
+                rest = order[first:]
+                chunk = rest[:next_batch([share_copies[i] for i in rest], budget)]
                 logprobs = [] if with_logprobs else None
                 try:
                     new_tokens, generated, positions = decode_batch(
-                        lm, [share[i] for i in chunk], copies=copies, temperature=temperature,
+                        lm, [share[i] for i in chunk], copies=[share_copies[i] for i in chunk],
+                        temperature=[share_temperatures[i] for i in chunk],
                         max_new_tokens=max_new_tokens, line_done=line_done, generator=generator,
                         **({"logprobs": logprobs} if with_logprobs else {}))
                 except torch.OutOfMemoryError:
                     new_tokens = None  # retried below, once the failed batch's tensors are released
                 if new_tokens is None:
-                    per_batch = smaller_batch(lm, per_batch, copies, desc)
+                    budget = smaller_batch(lm, [share_copies[i] for i in chunk], desc)
                     continue
                 first += len(chunk)
                 counts["tokens"] += generated
                 counts["prefilled"] += positions
-                for k, tokens in enumerate(new_tokens):
-                    mean = sum(logprobs[k]) / len(logprobs[k]) if with_logprobs and logprobs[k] else None
-                    texts[chunk[k // copies]][k % copies] = (tok.decode(tokens, skip_special_tokens=True), mean)
+                rows = iter(range(len(new_tokens)))
+                for i in chunk:
+                    for copy in range(share_copies[i]):
+                        k = next(rows)
+                        mean = sum(logprobs[k]) / len(logprobs[k]) if with_logprobs and logprobs[k] else None
+                        texts[i][copy] = (tok.decode(new_tokens[k], skip_special_tokens=True), mean)
                 bar.update(len(new_tokens))
         return texts
 
     lm.model.eval()
     with torch.inference_mode(), merged_adapter(lm):
-        texts = team.spread(continue_prompts, prompts)
+        texts = team.spread(continue_prompts, prompts, one_each(copies, len(prompts)),
+                            one_each(temperature, len(prompts)))
     totals = [sum(c) for c in zip(*team.everyone((counts["tokens"], counts["prefilled"])))]
     pairs = [pair for copies_of_one in texts for pair in copies_of_one]
     return Generated([text for text, _ in pairs], totals[0], time.perf_counter() - start, totals[1],

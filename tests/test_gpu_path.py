@@ -13,6 +13,7 @@ import torch
 import intrinsic_self_improvement as isi
 import support.decoder
 import support.model
+import support.tasks
 from conftest import ROOT, one_line_error
 from support import UsageError
 from support.run_directory import save_checkpoint
@@ -128,13 +129,95 @@ def test_sampled_rows_draw_as_if_none_had_moved(tiny_model_dir, monkeypatch):
     assert len({len(text) for text in texts}) > 3
 
 
+def test_greedy_prompts_ride_in_a_sampled_batch(tiny_model_dir, monkeypatch):
+    """Greedy prompts decoded in the same batch as sampled ones (per-prompt copies and
+    temperature, as the probe rides in the fresh batch) give what each kind gives alone: the
+    greedy rows draw no random numbers, so the sampled rows draw what they drew alone. One batch,
+    not two."""
+    import dataclasses
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    lm = dataclasses.replace(lm, stop_ids=frozenset(range(0, len(lm.tokenizer), 5)))  # rows stop at varied steps
+    ids = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task("list " + "/tmp/x " * k))) for k in range(1, 9)]
+    sampled, greedy = ids[::2], ids[1::2]  # of every length, so they interleave when sorted
+    settings = dict(max_new_tokens=12, batch_size=16, seed=3, desc="t")
+    alone = (support.decoder.decode(lm, sampled, copies=3, temperature=0.9, **settings).texts
+             + support.decoder.decode(lm, greedy, copies=1, temperature=0, **settings).texts)
+    real, batches = support.decoder.decode_batch, []
+
+    def watched(lm, prompts, **kwargs):
+        batches.append(kwargs["copies"])
+        return real(lm, prompts, **kwargs)
+    monkeypatch.setattr(support.decoder, "decode_batch", watched)
+    together = support.decoder.decode(lm, sampled + greedy, copies=[3] * 4 + [1] * 4,
+                                      temperature=[0.9] * 4 + [0] * 4, **settings).texts
+    assert together == alone
+    assert sorted(batches[0]) == [1] * 4 + [3] * 4 and len(batches) == 1
+    assert len(set(alone[:12])) > 6 and len({len(text) for text in alone}) > 3  # sampled, stopped at varied steps
+
+
+def test_per_row_temperature_draws_as_one_temperature(tiny_model_dir):
+    """pick_tokens with a temperature per row: all rows at one temperature take the very tokens
+    of the one temperature (compaction's draw order too); rows at 0 take the argmax."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    for draw_order in (None, order):
+        one = support.decoder.pick_tokens(logits, 0.8, torch.Generator().manual_seed(1), order=draw_order)
+        each = support.decoder.pick_tokens(logits, torch.full((6,), 0.8), torch.Generator().manual_seed(1),
+                                           order=draw_order)
+        assert torch.equal(one, each)
+    mixed = torch.tensor([0.8, 0.0, 0.8, 0.0, 0.8, 0.8])
+    picked = support.decoder.pick_tokens(logits, mixed, torch.Generator().manual_seed(1))
+    sampled_alone = support.decoder.pick_tokens(logits[mixed > 0], 0.8, torch.Generator().manual_seed(1))
+    assert torch.equal(picked[mixed == 0], logits[mixed == 0].argmax(-1))
+    assert torch.equal(picked[mixed > 0], sampled_alone)
+
+
+def test_batches_hold_whole_prompts_up_to_the_budget():
+    assert support.decoder.next_batch([3] * 50 + [1] * 20, 176) == 70  # the published 50 x 3 and 20 probe tasks
+    assert support.decoder.next_batch([3] * 50 + [1] * 20, 160) == 60  # the last 10 probe tasks wait
+    assert support.decoder.next_batch([3, 3, 1, 3], 6) == 2
+    assert support.decoder.next_batch([3, 1, 1, 3], 6) == 3
+    assert support.decoder.next_batch([16, 1], 8) == 1  # a prompt's copies are never split
+
+
+def test_the_probe_rides_in_the_fresh_batch(tiny_model_dir, monkeypatch):
+    """fresh_batch decodes the probe's tasks (greedy, one command each) in the batch's passes:
+    the batch's records and the probe's equal those of running each alone, and the probe then
+    costs no generate or invert pass of its own."""
+    import dataclasses
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu", "--scorer", "lexical",
+                            "--tasks", "4", "--candidates", "3", "--max-command-tokens", "10",
+                            "--max-inversion-tokens", "10"])
+    lm = support.model.load_language_model(cfg)
+    lm = dataclasses.replace(lm, stop_ids=frozenset(range(0, len(lm.tokenizer), 7)))
+    monkeypatch.setattr(isi, "is_usable_command", lambda command: bool(command.strip()))  # invert every command
+    domain = support.tasks.builtin_domain("pentest")
+    probe_tasks = isi.draw_tasks(domain, 3, isi.random.Random(0), distinct=True)
+    tasks = isi.draw_tasks(domain, 4, isi.random.Random(isi.stage_seed(cfg.seed, "tasks", 2)),
+                           exclude={t.text for t in probe_tasks})  # the batch's tasks, as fresh_batch draws them
+    batch_alone = isi.run_stage(lm, None, cfg, tasks, copies=3, greedy=False, seed=isi.stage_seed(cfg.seed, "batch", 2),
+                                label="b").records
+    probe_alone = isi.run_stage(lm, None, cfg, probe_tasks, copies=1, greedy=True, seed=0, label="p").records
+    real, passes = isi.generate, []
+
+    def watched(lm, requests, **kwargs):
+        passes.append(kwargs["desc"])
+        return real(lm, requests, **kwargs)
+    monkeypatch.setattr(isi, "generate", watched)
+    folded, probe_judged = isi.fresh_batch(lm, None, None, cfg, domain, 2, probe_tasks)
+    assert folded.records == batch_alone and probe_judged == probe_alone
+    assert passes == ["batch 2 and probe: generate", "batch 2 and probe: invert"]
+    assert sum(bool(r["reconstruction"]) for r in probe_judged + folded.records) > 6
+    assert not {t.text for t in probe_tasks} & {r["task"] for r in folded.records}
+
+
 def failing_above(rows: int, real):
     """decode_batch that runs out of memory above `rows` sequences, as CUDA would."""
     calls = []
 
     def decode_batch(lm, prompts, *, copies, **kwargs):
-        calls.append(len(prompts) * copies)
-        if len(prompts) * copies > rows:
+        calls.append(sum(copies))
+        if sum(copies) > rows:
             torch.zeros(1)  # the failed batch's work
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(lm, prompts, copies=copies, **kwargs)
