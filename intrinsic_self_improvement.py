@@ -1592,8 +1592,8 @@ def audit_name(cfg: Config, adapter: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}")
 
 
-def audit_inversion(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *, greedy: bool,
-                    seed: int, label: str) -> tuple[list[dict], dict]:
+def audit_inversion(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *,
+                    greedy: bool | list[bool], seed: int, label: str) -> tuple[list[dict], dict]:
     """The published round trip as SELECT computes it, by the judge: one reconstruction per
     command, scored by each scorer. Per record {inversion_embed, _lexical, _mix}; seconds of each."""
     with lm.model.disable_adapter() if cfg.judge == "frozen" else contextlib.nullcontext():
@@ -1685,24 +1685,21 @@ def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[d
     seed, label, k = stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
     tasks, seconds = [Task(item["query"]) for item in items], {}
     started = time.perf_counter()
-    sampled = generate_commands(lm, cfg, tasks, copies=k, greedy=False, seed=seed, label=label,
-                                certainty=True)
-    greedy = generate_commands(lm, cfg, tasks, copies=1, greedy=True, seed=seed, label=label,
-                               certainty=True)
+    # the greedy candidates ride in the sampled ones' passes (the sampled draw as they would alone)
+    n, is_greedy = len(tasks), [False] * len(tasks) * k + [True] * len(tasks)
+    written = generate_commands(lm, cfg, tasks + tasks, copies=[k] * n + [1] * n,
+                                greedy=[False] * n + [True] * n, seed=seed, label=label, certainty=True)
     seconds["generate"], seconds["certainty"] = time.perf_counter() - started, 0.0
-    inverted, inverted_s = audit_inversion(lm, embedder, cfg, sampled.records, greedy=False,
+    inverted, inverted_s = audit_inversion(lm, embedder, cfg, written.records, greedy=is_greedy,
                                            seed=seed, label=label)
-    inverted_greedy, greedy_s = audit_inversion(lm, embedder, cfg, greedy.records, greedy=True,
-                                                seed=seed, label=label)
-    seconds |= {name: inverted_s[name] + greedy_s[name] for name in inverted_s}
+    seconds |= inverted_s
     rows = []
     for i, item in enumerate(items):
-        per_item = list(zip(sampled.records[i * k:(i + 1) * k], inverted[i * k:(i + 1) * k]))
-        for (record, inversion), is_greedy in zip(per_item + [(greedy.records[i], inverted_greedy[i])],
-                                                  [False] * k + [True]):
+        mine = list(range(i * k, (i + 1) * k)) + [n * k + i]  # its K sampled candidates, then its greedy one
+        for record, inversion, greedy in ((written.records[j], inverted[j], is_greedy[j]) for j in mine):
             rows.append({"item": item["id"], "fs": item["group"], "query": item["query"],
                          "command": record["command"], "output": record["output"],
-                         "greedy": is_greedy, "usable": record["usable"],
+                         "greedy": greedy, "usable": record["usable"],
                          "signals": inversion | {"certainty": record["certainty"]}})
     likelihood, likelihood_s = audit_likelihood(lm, cfg, rows)
     seconds |= likelihood_s

@@ -4,14 +4,14 @@ one decoder call that adds a token to every running row; on a GPU a step costs a
 SCORE, --candidates sampled commands per task) and the probe (greedy, judged by the run's judge
 and by the frozen base model), with the run's flags, the model untrained.
 
-Two arrangements, the same model and seeds, one after the other:
+Two arrangements, the same model and seeds, one after the other (--pairs times, alternating):
   folded    the probe's tasks ride in the fresh batch's passes (what the loop does)
   separate  the probe's commands and their inversion in passes of their own (the loop before;
             the batch's execution, which decodes nothing, left out)
-and whether they wrote the same texts: the batch's sampled commands and reconstructions, the
-probe's greedy ones.
+and whether they wrote the same texts (the batch's sampled commands and reconstructions, the
+probe's greedy ones) and scores (the embedder's batches differ, so they may in the last digits).
 
-    python bench/decode_steps.py --out output/decode_steps.json      # about 5 minutes on 2 cores
+    python bench/decode_steps.py --out output/decode_steps.json      # about a minute on 2 cores
     python bench/decode_steps.py --out F.json -- --tasks 10 --probe-tasks 4   # flags after --: the main script's
 """
 import argparse
@@ -72,6 +72,7 @@ def one_cycle(lm, embedder, sandbox, cfg, domain, probe_tasks, folded: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="output/decode_steps.json")
+    parser.add_argument("--pairs", type=int, default=1, help="runs of each arrangement, alternating which goes first")
     parser.add_argument("flags", nargs="*", help="the main script's flags (after --)")
     args = parser.parse_args(argv)
     cfg = isi.parse_config(args.flags)
@@ -83,30 +84,34 @@ def main(argv=None) -> int:
     lm, embedder = isi.load_models(cfg, team)
     results = {"machine": {"cpu": cpu_identity(), "platform": platform.platform()} | isi.compute_record(lm),
                "flags": args.flags, "date": time.strftime("%Y-%m-%d"), "arrangements": {}}
-    records = {}
+    records, seconds = {}, {"folded": [], "separate": []}
     try:
-        for name in ("folded", "separate"):
-            steps, rows, stop = counted(lm)
-            started = time.perf_counter()
-            try:
-                stage, probe_records = one_cycle(lm, embedder, sandbox, cfg, domain, probe_tasks, name == "folded")
-            finally:
-                stop()
-            records[name] = (stage.records, probe_records)
-            results["arrangements"][name] = {
-                "seconds": round(time.perf_counter() - started, 1),
-                "decode_steps": sum(steps.values()),
-                "by_stage": {k: {"steps": steps[k], "mean_rows": round(rows[k] / steps[k], 1)} for k in steps}}
-            print(f"{name}: {sum(steps.values())} decode steps " + ", ".join(
-                f"{k} {v}" for k, v in steps.items()) + f" ({results['arrangements'][name]['seconds']} s)", flush=True)
+        for pair in range(args.pairs):  # the pairs alternate which arrangement goes first
+            for name in ("folded", "separate")[::1 if pair % 2 == 0 else -1]:
+                steps, rows, stop = counted(lm)
+                started = time.perf_counter()
+                try:
+                    stage, probe_records = one_cycle(lm, embedder, sandbox, cfg, domain, probe_tasks, name == "folded")
+                finally:
+                    stop()
+                seconds[name].append(round(time.perf_counter() - started, 1))
+                records[name] = (stage.records, probe_records)
+                results["arrangements"][name] = {
+                    "seconds": seconds[name], "decode_steps": sum(steps.values()),
+                    "by_stage": {k: {"steps": steps[k], "mean_rows": round(rows[k] / steps[k], 1)} for k in steps}}
+                print(f"{name}: {sum(steps.values())} decode steps (" + ", ".join(
+                    f"{k} {v}" for k, v in steps.items()) + f") in {seconds[name][-1]} s", flush=True)
     finally:
         if sandbox is not None:
             sandbox.close()
-    keys = ("task", "command", "reconstruction", "score")
-    same = {part: [{k: r[k] for k in keys} for r in records["folded"][i]]
-            == [{k: r[k] for k in keys} for r in records["separate"][i]] for i, part in enumerate(("batch", "probe"))}
-    results["same_texts"] = same
-    print(f"same texts: batch {same['batch']}, probe {same['probe']}")
+    keys = ("task", "command", "reconstruction")
+    for i, part in enumerate(("batch", "probe")):
+        folded, separate = records["folded"][i], records["separate"][i]
+        results[part] = {
+            "same_texts": [{k: r[k] for k in keys} for r in folded] == [{k: r[k] for k in keys} for r in separate],
+            "largest_score_difference": max(abs(a["score"] - b["score"]) for a, b in zip(folded, separate))}
+        print(f"{part}: same texts {results[part]['same_texts']}, scores differ by at most "
+              f"{results[part]['largest_score_difference']:.2g} (the embedder's batches differ)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
