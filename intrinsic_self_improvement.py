@@ -1473,9 +1473,10 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     if not team.main:
         return progress
     results = write_results(run_dir, history, wall_s=time.perf_counter() - started)
-    print(f"done: probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
-          f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), batch score "
-          f"{results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
+    probed = (f"probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
+              f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), "
+              if cfg.probe_tasks else "no probe, ")
+    print(f"done: {probed}batch score {results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
     return progress
 
 

@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-published", action="store_true", help="time only the project's path")
     parser.add_argument("--max-command-tokens", type=int, default=48, help="as in the main script")
     parser.add_argument("--max-inversion-tokens", type=int, default=40, help="as in the main script")
-    parser.add_argument("--gen-batch-size", type=int, default=160, help="as in the main script")
+    parser.add_argument("--gen-batch-size", type=int, default=isi.Config().gen_batch_size, help="as in the main script")
     parser.add_argument("--cpu-matmul", default="auto", choices=["auto", "packed", "plain"], help="as in the main script (the project's path)")
     parser.add_argument("--out", default="output/bench_cycle.json", help="where to write the JSON figures")
     args = parser.parse_args(argv)
