@@ -11,7 +11,7 @@ Two arrangements, the same model and seeds, one after the other (--pairs times, 
 and whether they wrote the same texts (the batch's sampled commands and reconstructions, the
 probe's greedy ones) and scores (the embedder's batches differ, so they may in the last digits).
 
-    python bench/decode_steps.py --out output/decode_steps.json      # about a minute on 2 cores
+    python bench/decode_steps.py --out output/decode_steps.json      # 1-3 minutes a pair on 2 cores
     python bench/decode_steps.py --out F.json -- --tasks 10 --probe-tasks 4   # flags after --: the main script's
 """
 import argparse
