@@ -315,6 +315,28 @@ def test_the_gpu_check_runs_its_cpu_path(tmp_path):
     check_figures(json.loads(out.read_text()))
 
 
+@pytest.mark.slow
+def test_the_decode_steps_bench_counts_fewer_steps_with_the_probe_folded(tiny_model_dir, tmp_path):
+    """bench/decode_steps.py on the tiny model (rows run to the caps): the probe's own generate
+    and invert passes are gone, the frozen judge's stays, and both arrangements wrote the same."""
+    out = tmp_path / "steps.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_steps.py"), "--out", str(out), "--",
+                           "--model", str(tiny_model_dir), "--device", "cpu", "--scorer", "lexical", "--tasks", "3",
+                           "--candidates", "2", "--probe-tasks", "3", "--max-command-tokens", "6",
+                           "--max-inversion-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    folded, separate = (figures["arrangements"][k] for k in ("folded", "separate"))
+    # a row run to a cap of n tokens takes n - 1 one-token steps (its first token comes from the prefill)
+    steps = {name: {k: v["steps"] for k, v in figures["arrangements"][name]["by_stage"].items()}
+             for name in ("folded", "separate")}
+    assert steps["separate"]["probe: generate"] == 5 and steps["separate"]["batch 2: generate"] == 5
+    assert steps["folded"]["batch 2 and probe: generate"] == 5
+    # the probe's own passes are gone (its invert pass has steps where the tiny model wrote a usable command)
+    assert folded["decode_steps"] == separate["decode_steps"] - 5 - steps["separate"].get("probe: invert", 0)
+    assert figures["batch"]["same_texts"] and figures["probe"]["same_texts"]
+
+
 def check_figures(figures: dict) -> None:
     """What the check must have found, wherever it ran."""
     assert figures["failed"] == [], figures["failed"]
