@@ -306,41 +306,67 @@ def decode(lm: LanguageModel, prompts: list[list[int]], *, copies: int | list[in
 
 
 def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) -> list[float]:
-    """Per training example (input_ids, labels -100 on the prompt): the mean log-probability of
-    its answer (the labelled tokens) given its prompt, in one forward pass, batched: minus the
-    example's training loss. The prefix a batch's prompts share is run once (about half of a
-    prompt where measured), as in decode_batch. Several processes each score their share."""
+    """Per training example (input_ids, labels -100 on the prompt, then its answer labelled): the
+    mean log-probability of its answer given its prompt, in one forward pass, batched: minus the
+    example's training loss. As in decode_batch, the prefix a batch's prompts share is run once
+    (about half of a prompt where measured), and each distinct prompt's rest once for all the
+    answers given to it (a task's candidates). Several processes each score their share."""
     import torch
     from transformers.cache_utils import DynamicCache
     base = lm.model.get_base_model()
     decoder, head, pad = base.get_decoder(), base.get_output_embeddings(), lm.tokenizer.pad_token_id
 
+    def split(example: dict) -> tuple[tuple, list[int]]:
+        """The example's prompt (as a key) and its answer."""
+        k = next(k for k, label in enumerate(example["labels"]) if label != -100)
+        return tuple(example["input_ids"][:k]), example["input_ids"][k:]
+
     def score(batch: list[dict]) -> list[float]:
-        ids = [e["input_ids"] for e in batch]
-        first_answer = min(next(k for k, label in enumerate(e["labels"]) if label != -100) for e in batch)
-        shared = min(shared_prefix_length(ids), first_answer - 1)  # each answer token's predictor stays
+        pairs = [split(e) for e in batch]
+        prompts = list(dict.fromkeys(prompt for prompt, _ in pairs))  # distinct, in order of first use
+        group = {prompt: g for g, prompt in enumerate(prompts)}
+        rows = sorted(range(len(batch)), key=lambda i: group[pairs[i][0]])  # the answers, by prompt
+        counts = torch.bincount(torch.tensor([group[pairs[i][0]] for i in rows]), minlength=len(prompts))
+        # the shared prefix, once; every prompt keeps a token, whose output predicts its answers' first
+        shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)
         cache = DynamicCache()
         if shared > 0:
-            decoder(input_ids=torch.tensor([ids[0][:shared]], device=lm.device), past_key_values=cache,
+            decoder(input_ids=torch.tensor([prompts[0][:shared]], device=lm.device), past_key_values=cache,
                     use_cache=True)
-            cache.batch_repeat_interleave(len(batch))
-        rest = [seq[shared:] for seq in ids]
-        width = max(map(len, rest))
+            cache.batch_repeat_interleave(len(prompts))
+        # each prompt's rest, once, left-padded after the shared prefix
+        rests = [list(prompt[shared:]) for prompt in prompts]
+        width = max(map(len, rests))
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=lm.device)
+        last = decoder(input_ids=torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=lm.device),
+                       attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0),
+                       past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+        repeats = counts.to(lm.device)
+        cache.batch_repeat_interleave(repeats)
+        mask, last = mask.repeat_interleave(repeats, 0), last.repeat_interleave(repeats, 0)
+        # every answer after its prompt, right-padded
+        answers = [pairs[i][1] for i in rows]
+        width = max(map(len, answers))
         hidden = decoder(
-            input_ids=torch.tensor([r + [pad] * (width - len(r)) for r in rest], device=lm.device),
-            attention_mask=torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rest],
-                                        device=lm.device),
-            position_ids=torch.arange(shared, shared + width, device=lm.device).expand(len(batch), -1),
+            input_ids=torch.tensor([a + [pad] * (width - len(a)) for a in answers], device=lm.device),
+            attention_mask=torch.cat([mask, torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers],
+                                                         device=lm.device)], 1),
+            position_ids=mask.sum(-1, keepdim=True) + torch.arange(width, device=lm.device),
             past_key_values=cache, use_cache=True).last_hidden_state
-        targets = torch.tensor([e["labels"][shared + 1:] + [-100] * (width - len(r))
-                                for e, r in zip(batch, rest)], device=lm.device)
+        predictors = torch.cat([last, hidden[:, :-1]], 1)  # the state before each answer token
+        targets = torch.tensor([a + [-100] * (width - len(a)) for a in answers], device=lm.device)
         keep = targets != -100
-        logits = head(hidden[:, :-1][keep]).float()
+        logits = head(predictors[keep]).float()
         picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
-        return [row.mean().item() for row in picked.split(keep.sum(1).tolist())]
+        values = [0.0] * len(batch)
+        for i, row in zip(rows, picked.split(keep.sum(1).tolist())):
+            values[i] = row.mean().item()
+        return values
 
     def score_share(share: list[dict]) -> list[float]:
-        order = sorted(range(len(share)), key=lambda i: len(share[i]["input_ids"]))
+        # a prompt's answers side by side, so they share a batch
+        keys = [split(e) for e in share]
+        order = sorted(range(len(share)), key=lambda i: (len(keys[i][0]), keys[i][0], len(keys[i][1])))
         values = [0.0] * len(share)
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]

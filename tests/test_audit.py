@@ -207,6 +207,28 @@ def test_coder_and_reviewer_equal_a_direct_computation(tiny_lm):
     assert batched[0] != pytest.approx(batched[3], abs=1e-6)
 
 
+def test_answers_to_one_prompt_share_its_pass_and_keep_their_values(tiny_lm, monkeypatch):
+    """A task's candidates share their prompt: each distinct prompt's rest runs once for its
+    answers, and each answer still gets its own direct value, whether its prompt's answers fill
+    one batch or are split across two (batch size 4 for 3 prompts x 3 answers, in mixed order)."""
+    tasks = [isi.Task(text) for text in ("List the files in /testbed", "Count the lines of every .txt file",
+                                         "Show the disk usage of /testbed, largest first")]
+    commands = ["ls /testbed", "wc -l /testbed/*.txt", "du -sh /testbed/* | sort -rh", "ls -la", "find ."]
+    examples = [isi.command_example(tiny_lm.tokenizer, tasks[k % 3], commands[k % 5]) for k in range(9)]
+    real, widths = tiny_lm.model.get_base_model().get_decoder().forward, []
+
+    def watched(*args, **kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(tiny_lm.model.get_base_model().get_decoder(), "forward", watched)
+    values = isi.answer_logprobs(tiny_lm, examples, batch_size=4)
+    monkeypatch.undo()
+    for example, value in zip(examples, values):
+        assert value == pytest.approx(direct_mean_logprob(tiny_lm, example), abs=1e-4)
+    prompt_rows = [rows for rows, _ in widths[1::3]]  # per batch: the shared prefix, the prompts' rests, the answers
+    assert sum(prompt_rows) < 9 and [rows for rows, _ in widths[2::3]] == [4, 4, 1]
+
+
 def test_certainty_is_the_mean_log_probability_of_the_sampled_tokens(tiny_lm):
     """decode_batch's log-probabilities of the tokens it sampled (at temperature 0.7) are the
     model's own (temperature 1), as a direct forward pass over prompt + tokens gives them."""
