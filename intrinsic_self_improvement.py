@@ -53,7 +53,7 @@ from pathlib import Path
 from support import UsageError, nl2bash
 from support.audit import LADDER, costs_per_candidate, ladder_floor
 from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
-from support.decoder import answer_logprobs, decode, one_each
+from support.decoder import answer_logprobs, decode, one_each, per_row
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
@@ -503,11 +503,6 @@ def embedding_scores(embedder, originals: list[str], reconstructions: list[str])
 # ---------------------------------------------------------------------------------------------
 # The stages: GENERATE, INVERT, SCORE, SELECT
 # ---------------------------------------------------------------------------------------------
-
-def per_row(values: list, copies: list[int]) -> list:
-    """Each item's value once for each of its `copies` rows (a stage's records)."""
-    return [value for value, n in zip(values, copies) for _ in range(n)]
-
 
 @dataclass
 class Stage:
@@ -1687,9 +1682,11 @@ def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[d
     tasks, seconds = [Task(item["query"]) for item in items], {}
     started = time.perf_counter()
     # the greedy candidates ride in the sampled ones' passes (the sampled draw as they would alone)
-    n, is_greedy = len(tasks), [False] * len(tasks) * k + [True] * len(tasks)
-    written = generate_commands(lm, cfg, tasks + tasks, copies=[k] * n + [1] * n,
-                                greedy=[False] * n + [True] * n, seed=seed, label=label, certainty=True)
+    n = len(tasks)
+    copies, greedy_tasks = [k] * n + [1] * n, [False] * n + [True] * n
+    written = generate_commands(lm, cfg, tasks + tasks, copies=copies, greedy=greedy_tasks, seed=seed,
+                                label=label, certainty=True)
+    is_greedy = per_row(greedy_tasks, copies)
     seconds["generate"], seconds["certainty"] = time.perf_counter() - started, 0.0
     inverted, inverted_s = audit_inversion(lm, embedder, cfg, written.records, greedy=is_greedy,
                                            seed=seed, label=label)

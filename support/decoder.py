@@ -6,7 +6,7 @@ nothing; greedy and sampled rows share a batch, so a stage's greedy prompts (the
 in its sampled batches. Several processes each decode their share of the prompts.
 
 The rest may call: decode (all prompts of a stage), decode_batch (one batch), Generated,
-pick_tokens, one_each, shared_prefix_length, answer_logprobs (how probable given answers are).
+pick_tokens, one_each, per_row, shared_prefix_length, answer_logprobs (how probable given answers are).
 """
 import time
 from dataclasses import dataclass
@@ -164,7 +164,7 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | l
         repeats = copies[0] if len(set(copies)) == 1 else torch.tensor(copies, device=device)
         cache.batch_repeat_interleave(repeats)
         logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
-    row_temperatures = [t for t, c in zip(temperature, copies) for _ in range(c)]
+    row_temperatures = per_row(temperature, copies)
     temperature = (row_temperatures[0] if len(set(row_temperatures)) == 1
                    else torch.tensor(row_temperatures, device=device))  # per slot, moved with its row
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
@@ -213,6 +213,12 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | l
 def one_each(value, n: int) -> list:
     """One value for all n items (prompts), or a list of one each: as a list."""
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def per_row(values: list, copies: list[int]) -> list:
+    """Each item's value once for each of its `copies` rows (a prompt's continuations, a stage's
+    records)."""
+    return [value for value, n in zip(values, copies) for _ in range(n)]
 
 
 def next_batch(copies: list[int], budget: int) -> int:
@@ -321,11 +327,11 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
         k = next(k for k, label in enumerate(example["labels"]) if label != -100)
         return tuple(example["input_ids"][:k]), example["input_ids"][k:]
 
-    def score(batch: list[dict]) -> list[float]:
-        pairs = [split(e) for e in batch]
+    def score(pairs: list[tuple[tuple, list[int]]]) -> list[float]:
+        """The mean answer log-probability of each (prompt, answer) pair."""
         prompts = list(dict.fromkeys(prompt for prompt, _ in pairs))  # distinct, in order of first use
         group = {prompt: g for g, prompt in enumerate(prompts)}
-        rows = sorted(range(len(batch)), key=lambda i: group[pairs[i][0]])  # the answers, by prompt
+        rows = sorted(range(len(pairs)), key=lambda i: group[pairs[i][0]])  # the answers, by prompt
         counts = torch.bincount(torch.tensor([group[pairs[i][0]] for i in rows]), minlength=len(prompts))
         # the shared prefix, once; every prompt keeps a token, whose output predicts its answers' first
         shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)
@@ -358,7 +364,7 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
         keep = targets != -100
         logits = head(predictors[keep]).float()
         picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
-        values = [0.0] * len(batch)
+        values = [0.0] * len(pairs)
         for i, row in zip(rows, picked.split(keep.sum(1).tolist())):
             values[i] = row.mean().item()
         return values
@@ -370,7 +376,7 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
         values = [0.0] * len(share)
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
-            for i, value in zip(chunk, score([share[i] for i in chunk])):
+            for i, value in zip(chunk, score([keys[i] for i in chunk])):
                 values[i] = value
         return values
 
