@@ -1278,7 +1278,8 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
                       copies=[cfg.candidates] * len(tasks) + [1] * len(probe_tasks),
                       greedy=[False] * len(tasks) + [True] * len(probe_tasks), seed=seed,
                       label=f"batch {index}" + (" and probe" if probe_tasks else ""))
-    records, probe_records = stage.records[:len(tasks) * cfg.candidates], stage.records[len(tasks) * cfg.candidates:]
+    sampled = len(tasks) * cfg.candidates  # the batch's records come first, the probe's after
+    records, probe_records = stage.records[:sampled], stage.records[sampled:]
     executed = (execute_commands(sandbox, records, cfg.candidates, lm.team) if sandbox
                 else Stage(records, {}))
     needed = likelihood_needed(cfg, executed.records, cfg.candidates, ladder_floor(shellcheck_available()))
