@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -50,18 +51,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from collections.abc import Callable
+
 from support import UsageError, nl2bash
-from support.audit import LADDER, costs_per_candidate, ladder_floor
-from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
+from support.bash_structure import command_structure
 from support.decoder import answer_logprobs, decode, one_each, per_row
+from support.health import collapse_reasons, generation_health, words
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
                              score_correlations, write_results)
-from support.run_directory import (check_run_directory, hold_run_directory, load_adapter, load_checkpoint,
-                                   prepare_run_directory, read_jsonl, read_progress,
+from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint, prepare_run_directory,
                                    resumed_history, save_checkpoint, write_json, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
-from support.shellcheck import shellcheck_available
+from support import shellcheck
 from support.tasks import SLOT_PATTERN, TABLE_FORMATS, environment_script, load_domain
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
 
@@ -74,10 +76,6 @@ def setting(default, help: str, choices: list | None = None):
     """A Config field: its default, its --help text and, for a fixed set, its choices."""
     return field(default=default,
                  metadata={"help": help} | ({"choices": choices} if choices else {}))
-
-
-SIGNALS = ["inversion", "execution", "agreement", "inversion+execution", "likelihood", "ladder",
-           "ladder+likelihood", "ladder+inversion"]
 
 
 @dataclass
@@ -135,7 +133,8 @@ class Config:
         "highest coder-reviewer likelihood, when it is >= threshold (a per-token probability); "
         "ladder: per task, the candidates on the highest rung of the execution ladder reached, "
         "when that rung is at least 'exits 0'; ladder+likelihood, ladder+inversion: of those, "
-        "the one the second signal ranks first", SIGNALS)
+        "the one the second signal ranks first; path/to/file.py:NAME: a signal of your own, a function in a "
+        "file (docs/signals.md), alone or as ladder+path/to/file.py:NAME")
     train_from: str = setting(
         "previous", "previous: continue the adapter each cycle (published); base: a fresh adapter "
         "each cycle, trained on everything selected so far (ReST-EM)", ["previous", "base"])
@@ -247,6 +246,7 @@ def validate(cfg: Config) -> Config:
         raise UsageError(
             f"--eval-workers must be zero (one per core) or positive, got {cfg.eval_workers}")
     eval_groups(cfg)
+    resolve_signal(cfg.signal)
     if cfg.eval_limit < 0:
         raise UsageError(f"--eval-limit must be zero (all items) or positive, got {cfg.eval_limit}")
     if cfg.probe_tasks < 0:
@@ -459,13 +459,6 @@ def parse_rating(output: str) -> int | None:
 # Similarity scores
 # ---------------------------------------------------------------------------------------------
 
-WORD = re.compile(r"[a-z0-9]+(?:[./:,-][a-z0-9]+)*")
-
-
-def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
-
-
 def word_overlap(original: str, reconstruction: str) -> float:
     """Share of the original task's distinct words found in the reconstruction."""
     wanted = set(words(original))
@@ -501,7 +494,65 @@ def embedding_scores(embedder, originals: list[str], reconstructions: list[str])
 
 
 # ---------------------------------------------------------------------------------------------
-# The stages: GENERATE, INVERT, SCORE, SELECT
+# Tasks written by the model (--task-source model)
+# ---------------------------------------------------------------------------------------------
+
+def template_patterns(domain: dict) -> list[re.Pattern]:
+    """One regex per template, slots as wildcards: recognises any task the templates can make."""
+    patterns = []
+    for template in domain["templates"]:
+        # literal, slot, literal, ...
+        parts = [template["task"]] if template.get("plain") else SLOT_PATTERN.split(template["task"])
+        regex = "".join(re.escape(part) if k % 2 == 0 else ".+" for k, part in enumerate(parts))
+        patterns.append(re.compile(regex + r"\.?", re.I))
+    return patterns
+
+
+def task_writing_request(tool: str | None, examples: list[str]) -> str:
+    shown = "\n".join(f"- {e}" for e in examples)
+    return (f"Here are examples of tasks for {tool or 'the shell'}:\n{shown}\n"
+            "Write one new task of the same kind, different from these. Answer with the task only.")
+
+
+def write_tasks(lm: LanguageModel, cfg: Config, domain: dict, n: int, rng: random.Random, seed: int,
+                exclude: frozenset) -> tuple[list[Task], dict]:
+    """--task-source model: the model writes its own tasks, few-shot from the domain's templates.
+    A written task is kept if it has 3 to 40 words, is new, is no probe task, and matches no
+    template, so no human-written task enters training. Returns at most n tasks."""
+    start = time.perf_counter()
+    patterns, slots = template_patterns(domain), domain.get("slots", {})
+    by_tool = {}
+    for template in domain["templates"]:
+        by_tool.setdefault(template.get("tool"), []).append(template)
+    tools = sorted(by_tool, key=str)
+    kept, seen, requested = [], {t.lower() for t in exclude}, 0
+    for attempt in range(3):
+        request_tools = [rng.choice(tools) for _ in range(2 * (n - len(kept)))]
+        requests = [
+            task_writing_request(
+                tool, [fill_template(rng.choice(by_tool[tool]), slots, rng).text for _ in range(3)])
+            for tool in request_tools
+        ]
+        written = generate(lm, requests, temperature=cfg.temperature,
+                           max_new_tokens=cfg.max_inversion_tokens, stop_at_line=True,
+                           batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "write", attempt),
+                           desc="write tasks")
+        requested += len(requests)
+        for text, tool in zip(written.texts, request_tools):
+            task = extract_reconstruction(text).lstrip("-*• ").strip()
+            if len(kept) == n or not 3 <= len(task.split()) <= 40 or task.lower() in seen \
+                    or any(p.fullmatch(task) for p in patterns):
+                continue
+            seen.add(task.lower())
+            kept.append(Task(task, tool))
+        if len(kept) == n:
+            break
+    return kept, {"tasks_requested": requested, "tasks_kept": len(kept),
+                  "write_tasks_s": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: GENERATE, INVERT, SCORE
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -596,7 +647,8 @@ def score_reconstructions(lm: LanguageModel, embedder, cfg: Config, records: lis
         scores[i] = value
     judged = []
     for i, record in enumerate(records):
-        extra = {"score": round(scores[i], 6), "accepted": scores[i] >= cfg.threshold}
+        score = round(scores[i], 6)  # accepted as recorded, so the score read back selects the same
+        extra = {"score": score, "accepted": score >= cfg.threshold}
         if cfg.scorer == "mix":
             extra["rating"] = ratings[i]
         judged.append(record | extra)
@@ -615,89 +667,20 @@ def judge_commands(lm: LanguageModel, embedder, cfg: Config, records: list[dict]
 
 
 def run_stage(lm: LanguageModel, embedder, cfg: Config, tasks: list[Task], *, copies: int | list[int],
-              greedy: bool | list[bool], seed: int, label: str) -> Stage:
+              greedy: bool | list[bool], seed: int, label: str, certainty: bool = False) -> Stage:
     """GENERATE, INVERT, SCORE over a batch of tasks, with the run's judge (`copies` and
     `greedy`: one for all tasks or one per task, all decoded in the same passes)."""
     written = generate_commands(lm, cfg, tasks, copies=copies, greedy=greedy, seed=seed,
-                                label=label)
+                                label=label, certainty=certainty)
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
                             greedy=per_row(one_each(greedy, len(tasks)), one_each(copies, len(tasks))),
                             seed=seed, label=label)
     return Stage(judged.records, written.timing | judged.timing)
 
 
-def distinct_n(token_lists: list[list[str]], n: int) -> float:
-    """Unique n-grams / all n-grams over a set of commands (0 when there are none)."""
-    grams = [tuple(tokens[k:k + n]) for tokens in token_lists for k in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def copy_rate(task: str, command: str) -> float:
-    """Share of a command's tokens that appear verbatim in its task: a copied IP or port makes
-    reconstruction easy whatever the flags around it are."""
-    task_tokens = {t.strip(".,;:!?\"'()").lower() for t in task.split()}
-    tokens = command.split()
-    return sum(t.lower() in task_tokens for t in tokens) / len(tokens) if tokens else 0.0
-
-
-PROSE_WORD = re.compile(r"[A-Za-z]+[.,;:!?]?")
-TASK_STOPWORDS = frozenset("a an the in of to for on and or with from by at all any each every that "
-                           "this is are be it its as into than".split())
-
-
-def restates_task(task: str, command: str) -> bool:
-    """The command is a sentence about its task, not a command: four or more tokens, at least
-    three in four of them plain words ("You can use the nmap command to scan ports 22,80 on
-    10.0.0.1"), sharing at least two content words with the task."""
-    tokens = command.split()
-    if len(tokens) < 4 or sum(bool(PROSE_WORD.fullmatch(t)) for t in tokens) < 0.75 * len(tokens):
-        return False
-    shared = (set(words(task)) - TASK_STOPWORDS) & set(words(command))
-    return len(shared) >= 2
-
-
-def generation_health(records: list[dict]) -> dict:
-    """Collapse measures over a batch: over its usable commands, and the share of candidates
-    that are no command at all."""
-    usable = [r for r in records if r["usable"]]
-    tokens = [r["command"].split() for r in usable]
-    by_task = {}
-    for r in usable:
-        by_task.setdefault(r["task"], []).append(r["command"])
-    duplicates = sum(commands.count(c) > 1 for commands in by_task.values() for c in commands)
-    mean = lambda values: round(sum(values) / len(values), 4) if values else 0.0  # noqa: E731
-    return {"distinct_1": round(distinct_n(tokens, 1), 4), "distinct_2": round(distinct_n(tokens, 2), 4),
-            "duplicate_rate": round(duplicates / len(usable), 4) if usable else 0.0,
-            "copy_rate": mean([copy_rate(r["task"], r["command"]) for r in usable]),
-            "restate_rate": mean([restates_task(r["task"], r["command"]) for r in usable]),
-            "no_command_rate": mean([not r["usable"] for r in records]),
-            "mean_command_tokens": mean([len(t) for t in tokens])}
-
-
-# When a batch has collapsed, by its health alone (no label, no benchmark): each measure and the
-# value past which it says so, set from the published loop's runs (RESULTS.md sections 1 and 3;
-# docs/signals.md has the figures), where the untrained model's batches and the collapsed ones lie
-# on either side with room. Pentest collapsed into restating the task ("You can use the nmap
-# command to ...", every candidate by cycle 5; untrained bash batches 0.16-0.19); bash into the
-# same `ls` of the task's path for every candidate of a task (distinct-2 0.74-0.85 untrained,
-# 0.40-0.48 from cycle 8); no command at all is the third way down (untrained batches: at most
-# 0.35). The copy rate is shown, not used: a right pentest command copies the task's address and
-# ports (`nmap -p 22,80 10.0.0.1`: 0.5), as the restated task does.
-COLLAPSE = {"restate_rate": (">=", 0.5), "no_command_rate": (">=", 0.6), "distinct_2": ("<", 0.5)}
-
-
-def collapse_reasons(health: dict) -> list[str]:
-    """The health measures of a batch past their COLLAPSE limits, as 'name value op limit'."""
-    reasons = []
-    for name, (op, limit) in COLLAPSE.items():
-        value = health.get(name)
-        if value is not None and (value >= limit if op == ">=" else value < limit):
-            reasons.append(f"{name} {value:.2f} {op} {limit}")
-    return reasons
-
-
-def summarize(records: list[dict], scorer: str) -> dict:
-    """The published per-batch figures, plus what the published script hid."""
+def summarize(records: list[dict], scorer: str, plugins: tuple = ()) -> dict:
+    """The published per-batch figures, plus what the published script hid (and the mean of each
+    signal of one's own in `plugins` that the records hold)."""
     n = len(records)
     accepted = sum(r["accepted"] for r in records)
     summary = {"total_generated": n, "accepted": accepted,
@@ -713,72 +696,72 @@ def summarize(records: list[dict], scorer: str) -> dict:
     if scorer == "mix":
         summary["rating_parse_failures"] = sum(
             r["usable"] and bool(r["reconstruction"]) and r["rating"] is None for r in records)
+    for plugin in plugins:
+        if records and plugin.name in records[0]:
+            values = [v for v in map(plugin.value, records) if v is not None]
+            summary[plugin.summary] = round(sum(values) / len(values), 4) if values else None
     return summary | {"health": generation_health(records)}
 
 
-# per signal, the record's value it selects by: its "own score", whose mean over the probe
-# (SUMMARY_OF) is watched against the probe's execution pass rate (a combination's own score is
-# that of the signal that ranks)
-SUMMARY_OF = {"score": "mean_score", "passed": "execution_pass_rate", "agreed": "agreement_rate",
-              "likelihood": "mean_likelihood", "ladder": "mean_ladder"}
-SIGNAL_VALUE = {"inversion": "score", "execution": "passed", "agreement": "agreed",
-                "inversion+execution": "score", "likelihood": "likelihood", "ladder": "ladder",
-                "ladder+likelihood": "likelihood", "ladder+inversion": "score"}
+# ---------------------------------------------------------------------------------------------
+# LIKELIHOOD: how probable the model finds a given answer (Coder-Reviewer's coder and reviewer)
+# ---------------------------------------------------------------------------------------------
+
+def reviewer_example(tokenizer, task: str, command: str) -> dict:
+    """The loop's inversion prompt for the command, then the task as its answer, then EOS."""
+    return training_example(
+        prompt_ids(tokenizer, inversion_request(command)),
+        tokenizer(task, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
 
-def kept_by_signal(records: list[dict], signal: str, copies: int, threshold: float,
-                   floor: float) -> list[int]:
-    """The candidates a signal keeps; records come in runs of `copies` per task.
-    inversion: intrinsic score >= threshold (published); execution: the run passed; agreement:
-    in its task's agreement group; inversion+execution: both. likelihood: per task, the candidate
-    with the highest likelihood, when it is >= threshold. ladder: per task, the candidates at the
-    highest ladder value any of them reached, when it is at least `floor` (the value of
-    climbing to 'exits 0'). ladder+X: of those, the one X ranks first (the first on a tie)."""
-    per_record = {"inversion": lambda r: r["accepted"], "execution": lambda r: r["passed"],
-                  "agreement": lambda r: r["agreed"],
-                  "inversion+execution": lambda r: r["accepted"] and r["passed"]}
-    if signal in per_record:
-        return [i for i, r in enumerate(records) if per_record[signal](r)]
-    kept = []
-    if signal == "likelihood":
-        for first in range(0, len(records), copies):
-            best = max(range(first, min(first + copies, len(records))), key=lambda i: records[i]["likelihood"])
-            kept += [best] if records[best]["usable"] and records[best]["likelihood"] >= threshold else []
-        return kept
-    ranker = signal.partition("+")[2]
-    for at_top in ladder_tops(records, copies, floor):
-        kept += [max(at_top, key=lambda i: records[i][SIGNAL_VALUE[ranker]])] if ranker else at_top
-    return kept
+def coder_reviewer(lm: LanguageModel, cfg: Config, tasks: list[Task], commands: list[str], *,
+                   frozen_reviewer: bool) -> tuple[list[float], list[float], float, float]:
+    """Coder-Reviewer's two mean token log-probabilities per (task, command): the coder's, of the
+    command given the task, by the model as it is; the reviewer's, of the task given the command
+    (the inversion prompt), by the base model when `frozen_reviewer` (adapter disabled), else by
+    the model as it is. And the seconds each took."""
+    started = time.perf_counter()
+    coder = answer_logprobs(lm, [command_example(lm.tokenizer, t, c) for t, c in zip(tasks, commands)],
+                            cfg.gen_batch_size)
+    coder_s = time.perf_counter() - started
+    with lm.model.disable_adapter() if frozen_reviewer else contextlib.nullcontext():
+        reviewer = answer_logprobs(lm, [reviewer_example(lm.tokenizer, t.text, c) for t, c in zip(tasks, commands)],
+                                   cfg.gen_batch_size)
+    return coder, reviewer, coder_s, time.perf_counter() - started - coder_s
 
 
-def ladder_tops(records: list[dict], copies: int, floor: float) -> list[list[int]]:
-    """Per task whose highest ladder value is at least `floor`, its candidates at that value."""
-    tops = []
-    for first in range(0, len(records), copies):
-        group = range(first, min(first + copies, len(records)))
-        top = max(records[i]["ladder"] for i in group)
-        if top >= floor - 1e-9:
-            tops.append([i for i in group if records[i]["ladder"] == top])
-    return tops
+def likelihood_fields(coder: float | None, reviewer: float | None) -> dict:
+    """A candidate's likelihood from Coder-Reviewer's two mean token log-probabilities (None: no
+    command): both, rounded, and 'likelihood' = exp of their mean, the geometric mean of the two
+    per-token probabilities, in [0, 1] as --threshold is (0 without a command)."""
+    if coder is None:
+        return {"coder": None, "reviewer": None, "likelihood": 0.0}
+    return {"coder": round(coder, 5), "reviewer": round(reviewer, 5),
+            "likelihood": float(f"{math.exp((coder + reviewer) / 2):.6g}")}
 
 
-def select_for_training(records: list[dict], mode: str, signal: str, rng: random.Random, *,
-                        copies: int, threshold: float, floor: float) -> list[int]:
-    """SELECT. threshold: the candidates the signal keeps (kept_by_signal). all: every candidate
-    with a command (no selection). random: a random subset of those, of exactly the size the
-    signal would keep."""
-    kept = kept_by_signal(records, signal, copies, threshold, floor)
-    if mode == "threshold":
-        return kept
-    candidates = [i for i, r in enumerate(records) if r["command"]]
-    if mode == "all":
-        return candidates
-    return sorted(rng.sample(candidates, min(len(kept), len(candidates))))
+def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict],
+                      only: list[int] | None = None) -> Stage:
+    """LIKELIHOOD: per usable command (of `only`, when given), the coder's and the frozen base
+    model's reviewer's mean token log-probabilities and the likelihood (likelihood_fields).
+    Records left out by `only` get no value."""
+    wanted = range(len(records)) if only is None else only
+    usable = [i for i in wanted if records[i]["usable"]]
+    coder, reviewer, coder_s, reviewer_s = coder_reviewer(
+        lm, cfg, [Task(records[i]["task"], records[i]["tool"]) for i in usable],
+        [records[i]["command"] for i in usable], frozen_reviewer=True)
+    values = [{} for _ in records]
+    for i in wanted:
+        values[i] = likelihood_fields(None, None)
+    for i, c, r in zip(usable, coder, reviewer):
+        values[i] = likelihood_fields(c, r)
+    return Stage([record | value for record, value in zip(records, values)],
+                 {"likelihood_s": round(coder_s + reviewer_s, 3), "likelihood_scored": len(usable)})
 
 
 # ---------------------------------------------------------------------------------------------
-# Label-free signals from execution: the domain's own file system, in the sandbox
-# (--signal execution, agreement)
+# EXECUTE: label-free signals from execution in the domain's own file system, in the sandbox
+# (execution, agreement, the ladder)
 # ---------------------------------------------------------------------------------------------
 
 SYNTAX_ERROR = re.compile(r"syntax error|unexpected EOF|unexpected end of file")
@@ -819,32 +802,35 @@ def execution_verdict(run) -> str:
     return "passed"
 
 
-def execution_result(run) -> tuple:
-    """What a run did, for grouping: exit status, output, and the file-system change with the
-    new contents."""
-    return (run.exit_code, run.output, tuple(sorted(run.changes)),
-            tuple(sorted(run.signatures.items())))
-
-
-def agreement_group(runs: list) -> list[int]:
-    """MBR-exec over one task's candidates: the positions of the largest group of candidates with
-    the same execution result, among results that passed (neither empty nor an error), when the
-    group has at least two; else none. A tie goes to the group met first. A run may be None (no
-    command to run)."""
-    groups = {}
-    for i, run in enumerate(runs):
-        if run is not None and execution_verdict(run) == "passed":
-            groups.setdefault(execution_result(run), []).append(i)
-    largest = max(groups.values(), key=len, default=[])
-    return largest if len(largest) >= 2 else []
+def execution_result(run) -> tuple | None:
+    """What a passing run did, for grouping: exit status, output, and the file-system change with
+    the new contents. None for a run that did not pass, or no run (None)."""
+    if run is None or execution_verdict(run) != "passed":
+        return None
+    return (run.exit_code, run.output, tuple(sorted(run.changes)), tuple(sorted(run.signatures.items())))
 
 
 def agreement_sizes(runs: list) -> list[int]:
     """Per run: the size of its MBR-exec group, the runs with the same passing execution result
     (itself included); 0 for a run that did not pass, or no run (None)."""
-    results = [None if run is None or execution_verdict(run) != "passed" else execution_result(run)
-               for run in runs]
+    results = [execution_result(run) for run in runs]
     return [0 if result is None else results.count(result) for result in results]
+
+
+def agreement_group(runs: list) -> list[int]:
+    """MBR-exec over one task's candidates: the positions of the largest group of candidates with
+    the same passing execution result, when it has at least two; else none. A tie goes to the
+    group met first. A run may be None (no command to run)."""
+    results, sizes = [execution_result(run) for run in runs], agreement_sizes(runs)
+    largest = max(sizes, default=0)
+    if largest < 2:
+        return []
+    chosen = results[sizes.index(largest)]
+    return [i for i, result in enumerate(results) if result == chosen]
+
+
+# The execution ladder, bottom to top (execution_ladder judges each level)
+LADDER = ("parses", "programs_exist", "shellcheck_clean", "exits_zero", "no_usage_error", "effect")
 
 
 def execution_ladder(run, parses: bool, shellcheck_clean: bool | None) -> dict:
@@ -868,26 +854,73 @@ def ladder_score(levels: dict) -> float:
     return climbed / len(available)
 
 
+def ladder_floor(shellcheck_available: bool) -> float:
+    """The ladder value of a command that climbed to exits_zero: the levels up to it over the
+    levels available (shellcheck_clean is left out where shellcheck is missing)."""
+    available = len(LADDER) - (0 if shellcheck_available else 1)
+    climbed = LADDER.index("exits_zero") + 1 - (0 if shellcheck_available else 1)
+    return climbed / available
+
+
+def static_checks(commands: list[str | None]) -> tuple[list, list, dict]:
+    """The ladder's two levels that read a command without running it, for each command (None:
+    not a command): bashlex parses it (bounded); shellcheck finds no error (None where it is
+    missing or failed). And the seconds each took."""
+    from support.shellcheck import error_free
+    present = [i for i, c in enumerate(commands) if c is not None]
+    started = time.perf_counter()
+    parses = [None] * len(commands)
+    for i in present:
+        parses[i] = command_structure(commands[i]) is not None
+    parsed_s = time.perf_counter() - started
+    clean = [None] * len(commands)
+    for i, ok in zip(present, error_free([commands[i] for i in present]) or []):
+        clean[i] = ok
+    return parses, clean, {"parses": parsed_s, "shellcheck_clean": time.perf_counter() - started - parsed_s}
+
+
+def ladder_values(runs: list, parses: list, clean: list) -> list[dict]:
+    """Per run (None: not a command, not run) with its static checks: the execution ladder's
+    levels and its value, the share of the available levels climbed in order ('ladder', 0 when
+    not run)."""
+    values = []
+    for run, parsed, ok in zip(runs, parses, clean):
+        if run is None:
+            values.append({"ladder": 0.0, "ladder_levels": None})
+            continue
+        levels = execution_ladder(run, parsed, ok)
+        values.append({"ladder": round(ladder_score(levels), 4),
+                       "ladder_levels": {k: None if v is None else int(v) for k, v in levels.items()}})
+    return values
+
+
 EXECUTION_OUTPUT_KEPT = 300  # characters of output kept per candidate in examples_cycle_N.jsonl
 
 
-def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Team()) -> Stage:
-    """Every usable command runs in a fresh copy of the domain's file system (in parallel,
-    sandbox.workers at a time); each record gets its verdict ("passed" or why not), a short
-    record of the run, and whether it is in its task's agreement group (records come in runs of
-    `copies` per task). Several processes each run their share."""
+def run_commands(sandbox, records: list[dict], team: Team = Team()) -> tuple[list, float]:
+    """Every usable command run in a fresh copy of the domain's file system (in parallel,
+    sandbox.workers at a time; several processes each run their share): per record its run, None
+    where it is no command. And the seconds it took."""
     usable = [i for i, r in enumerate(records) if r["usable"]]
     start = time.perf_counter()
     done = team.spread(lambda commands: sandbox.run_all(["domain"] * len(commands), commands),
                        [records[i]["command"] for i in usable])
-    seconds = time.perf_counter() - start
     runs = [None] * len(records)
     for i, run in zip(usable, done):
         runs[i] = run
+    return runs, time.perf_counter() - start
+
+
+def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Team()) -> Stage:
+    """EXECUTE: every usable command runs in the domain's file system; each record gets its
+    verdict ("passed" or why not), a short record of the run, whether it is in its task's
+    agreement group (records come in runs of `copies` per task), and its execution ladder."""
+    runs, seconds = run_commands(sandbox, records, team)
     agreed = set()
     for first in range(0, len(records), copies):
         agreed.update(first + k for k in agreement_group(runs[first:first + copies]))
-    ladders = ladder_values([r["command"] for r in records], runs)
+    ladders = ladder_values(runs, *static_checks([r["command"] if run else None
+                                                  for r, run in zip(records, runs)])[:2])
     executed = []
     for i, (record, run) in enumerate(zip(records, runs)):
         verdict = "unusable" if run is None else execution_verdict(run)
@@ -896,23 +929,7 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
             "output": run.output[:EXECUTION_OUTPUT_KEPT]}
         executed.append(record | {"verdict": verdict, "passed": verdict == "passed",
                                   "agreed": i in agreed, "execution": details} | ladders[i])
-    return Stage(executed, {"execute_s": round(seconds, 3), "executed": len(usable)})
-
-
-def ladder_values(commands: list[str], runs: list) -> list[dict]:
-    """Per command and its run (None: not a command, not run): the execution ladder's levels
-    (parsing by bashlex, bounded; shellcheck when installed, else None) and its value, the share
-    of the available levels climbed in order ('ladder', 0 when not run)."""
-    from support.shellcheck import error_free
-    ran = [i for i, run in enumerate(runs) if run is not None]
-    clean = error_free([commands[i] for i in ran]) or [None] * len(ran)
-    values = [{"ladder": 0.0, "ladder_levels": None} for _ in runs]
-    for i, ok in zip(ran, clean):
-        parses = nl2bash.command_structure(commands[i]) is not None
-        levels = execution_ladder(runs[i], parses, ok)
-        values[i] = {"ladder": round(ladder_score(levels), 4),
-                     "ladder_levels": {k: None if v is None else int(v) for k, v in levels.items()}}
-    return values
+    return Stage(executed, {"execute_s": round(seconds, 3), "executed": sum(r is not None for r in runs)})
 
 
 def sandbox_workers(cfg: Config, team: Team = Team()) -> int:
@@ -926,7 +943,7 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
     results are left out, said in one line)."""
     script = environment_script(domain)
-    needs = cfg.signal not in ("inversion", "likelihood")
+    needs = "execution" in signal_needs(*resolve_signal(cfg.signal))
     if script is None:
         if needs:
             raise UsageError(
@@ -944,61 +961,256 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks written by the model (--task-source model)
+# Signals: one table, read by SELECT, the probe, Goodhart's mark, --score-all and the audit
 # ---------------------------------------------------------------------------------------------
 
-def template_patterns(domain: dict) -> list[re.Pattern]:
-    """One regex per template, slots as wildcards: recognises any task the templates can make."""
-    patterns = []
-    for template in domain["templates"]:
-        # literal, slot, literal, ...
-        parts = [template["task"]] if template.get("plain") else SLOT_PATTERN.split(template["task"])
-        regex = "".join(re.escape(part) if k % 2 == 0 else ".+" for k, part in enumerate(parts))
-        patterns.append(re.compile(regex + r"\.?", re.I))
-    return patterns
+# what a signal can ask to have computed for every candidate before its value is read (a candidate
+# always has its task, tool, output and command)
+NEEDS = ("reconstruction", "execution", "likelihood", "certainty")
+# per task: threshold: value >= --threshold; passes: value 1 (or true); rank: the candidate ranked
+# first (the first on a tie), when any has a value; rank_at_threshold: that one, when its value is
+# >= --threshold; ladder: the candidates at the highest value of the task, when it is at least the
+# ladder's floor (climbed to 'exits 0'); group: the largest agreement group, of two or more (its
+# value: the group's size)
+RULES = ("threshold", "passes", "rank", "rank_at_threshold", "ladder", "group")
+PER_CANDIDATE_RULES = ("threshold", "passes")
 
 
-def task_writing_request(tool: str | None, examples: list[str]) -> str:
-    shown = "\n".join(f"- {e}" for e in examples)
-    return (f"Here are examples of tasks for {tool or 'the shell'}:\n{shown}\n"
-            "Write one new task of the same kind, different from these. Answer with the task only.")
+@dataclass(frozen=True)
+class Signal:
+    """A label-free signal: what it needs computed, how a candidate's value is read from its record,
+    and the rule that keeps a task's candidates by their values. `summary`: the key of its mean in
+    a batch's figures, its own score (watched by Goodhart's mark when `watched`). For the audit:
+    `column` and `column_rule`, its value and rule where they differ; `cost`, the timers its cost
+    per candidate sums; `variants`, its columns where it has several (name, timers); `itemfs`,
+    also a column on the item's own file system. `loop`: a --signal choice; `audited`: a column of
+    the audit; `compute`: a plug-in's function."""
+    name: str
+    needs: frozenset
+    value: Callable
+    rule: str
+    help: str = ""
+    summary: str | None = None
+    watched: bool = True
+    column: Callable | None = None
+    column_rule: str | None = None
+    cost: tuple = ()
+    variants: tuple = ()
+    itemfs: bool = False
+    loop: bool = True
+    audited: bool = True
+    compute: Callable | None = None
 
 
-def write_tasks(lm: LanguageModel, cfg: Config, domain: dict, n: int, rng: random.Random, seed: int,
-                exclude: frozenset) -> tuple[list[Task], dict]:
-    """--task-source model: the model writes its own tasks, few-shot from the domain's templates.
-    A written task is kept if it has 3 to 40 words, is new, is no probe task, and matches no
-    template, so no human-written task enters training. Returns at most n tasks."""
-    start = time.perf_counter()
-    patterns, slots = template_patterns(domain), domain.get("slots", {})
-    by_tool = {}
-    for template in domain["templates"]:
-        by_tool.setdefault(template.get("tool"), []).append(template)
-    tools = sorted(by_tool, key=str)
-    kept, seen, requested = [], {t.lower() for t in exclude}, 0
-    for attempt in range(3):
-        request_tools = [rng.choice(tools) for _ in range(2 * (n - len(kept)))]
-        requests = [
-            task_writing_request(
-                tool, [fill_template(rng.choice(by_tool[tool]), slots, rng).text for _ in range(3)])
-            for tool in request_tools
-        ]
-        written = generate(lm, requests, temperature=cfg.temperature,
-                           max_new_tokens=cfg.max_inversion_tokens, stop_at_line=True,
-                           batch_size=cfg.gen_batch_size, seed=stage_seed(seed, "write", attempt),
-                           desc="write tasks")
-        requested += len(requests)
-        for text, tool in zip(written.texts, request_tools):
-            task = extract_reconstruction(text).lstrip("-*• ").strip()
-            if len(kept) == n or not 3 <= len(task.split()) <= 40 or task.lower() in seen \
-                    or any(p.fullmatch(task) for p in patterns):
-                continue
-            seen.add(task.lower())
-            kept.append(Task(task, tool))
-        if len(kept) == n:
-            break
-    return kept, {"tasks_requested": requested, "tasks_kept": len(kept),
-                  "write_tasks_s": round(time.perf_counter() - start, 3)}
+def level_value(name: str) -> Callable:
+    """A ladder level's value: 1 climbed, 0 failed or not run, None could not be checked."""
+    def value(record: dict):
+        levels = record["ladder_levels"]
+        if levels is None:  # not run: failed every level that can be checked
+            return None if name == "shellcheck_clean" and not shellcheck.shellcheck_available() else 0
+        return levels[name]
+    return value
+
+
+def usable_likelihood(record: dict) -> float | None:
+    return record["likelihood"] if record["usable"] else None
+
+
+def built_in_signals() -> dict[str, Signal]:
+    """Every built-in signal, by name, in the audit's column order."""
+    execution, likelihood = frozenset({"execution"}), frozenset({"likelihood"})
+    run = ("execution", "parses", "shellcheck_clean")
+    signals = [
+        Signal("inversion", frozenset({"reconstruction"}), lambda r: r["score"], "threshold",
+               "the intrinsic score (--scorer) of the task and the command's reconstruction >= --threshold "
+               "(published)", summary="mean_score",
+               variants=tuple((f"inversion_{s}", (f"inversion_{s}",)) for s in ("embed", "lexical", "mix"))),
+        Signal("certainty", frozenset({"certainty"}), lambda r: r["certainty"], "rank",
+               "the mean log-probability of the command's tokens as sampled", cost=("certainty",), loop=False),
+        Signal("coder", likelihood, lambda r: r["coder"], "rank",
+               "the mean log-probability of the command given the task", cost=("coder",), loop=False),
+        Signal("reviewer", likelihood, lambda r: r["reviewer"], "rank",
+               "the mean log-probability of the task given the command (the inversion prompt)",
+               cost=("reviewer",), loop=False),
+        Signal("coder_reviewer", likelihood, lambda r: r["coder_reviewer"], "rank", "coder + reviewer",
+               cost=("coder", "reviewer"), loop=False),
+        *(Signal(level, execution, level_value(level), "passes", f"the execution ladder's level {level}",
+                 cost=(level if level in ("parses", "shellcheck_clean") else "execution",), loop=False)
+          for level in LADDER),
+        Signal("ladder", execution, lambda r: r["ladder"], "ladder",
+               "per task, the candidates on the highest rung of the execution ladder reached, when that rung "
+               "is at least 'exits 0'", summary="mean_ladder", cost=run, itemfs=True),
+        Signal("execution", execution, lambda r: r["passed"], "passes",
+               "the command runs cleanly and does something in the domain's sandboxed file system",
+               summary="execution_pass_rate", watched=False, cost=("execution",), itemfs=True),
+        Signal("agreement", execution, lambda r: r["agreed"], "passes",
+               "the largest group of candidates with the same execution result (MBR-exec)",
+               summary="agreement_rate", watched=False, column=lambda r: r["agreement"], column_rule="group",
+               cost=("execution",), itemfs=True),
+        Signal("likelihood", likelihood, usable_likelihood, "rank_at_threshold",
+               "per task, the candidate with the highest coder-reviewer likelihood, when it is >= --threshold "
+               "(a per-token probability)", summary="mean_likelihood", audited=False),
+    ]
+    return {s.name: s for s in signals}
+
+
+SIGNALS = built_in_signals()
+COMBINATIONS = ("inversion+execution", "ladder+likelihood", "ladder+inversion")
+LOOP_SIGNALS = [s.name for s in SIGNALS.values() if s.loop] + list(COMBINATIONS)
+# fields of a candidate's record: a plug-in's value is recorded under its name, which must be none of these
+RECORD_FIELDS = frozenset({
+    "task", "tool", "output", "command", "usable", "reconstruction", "score", "accepted", "rating", "verdict",
+    "passed", "agreed", "agreement", "execution", "ladder", "ladder_levels", "coder", "reviewer", "likelihood",
+    "coder_reviewer", "certainty", "stage", "selected", "frozen_reconstruction", "frozen_score", "id", "difficulty"})
+
+
+def load_plugin(spec: str, flag: str = "--signal") -> Signal:
+    """A signal written in a file of one's own, `path/to/file.py:NAME`: a function of the candidates
+    (dicts with at least task and command) returning one number or None each; NAME.needs (a set of
+    NEEDS) and NAME.rule (one of RULES, 'rank' by default) where it says so. One-line errors."""
+    import importlib.util
+    path, _, name = spec.rpartition(":")
+    if not path or not name.isidentifier():
+        raise UsageError(f"{flag} {spec}: choose from {', '.join(LOOP_SIGNALS)}, or give a signal from a "
+                         f"file as path/to/file.py:NAME")
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {spec}: no such file: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"signal_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: whatever it raises is reported in one line
+        raise UsageError(f"{flag} {spec}: loading {path} raised {type(err).__name__}: {err}") from None
+    function = getattr(module, name, None)
+    if function is None:
+        raise UsageError(f"{flag} {spec}: {path} defines no {name}")
+    if not callable(function):
+        raise UsageError(f"{flag} {spec}: {name} in {path} is not callable")
+    needs, rule = getattr(function, "needs", set()), getattr(function, "rule", "rank")
+    if isinstance(needs, str) or not set(needs) <= set(NEEDS):
+        raise UsageError(f"{flag} {spec}: {name}.needs must be a set of {', '.join(NEEDS)}; got {needs!r}")
+    if rule not in RULES:
+        raise UsageError(f"{flag} {spec}: {name}.rule {rule!r} is none of {', '.join(RULES)}")
+    if name in RECORD_FIELDS or name in SIGNALS or name.endswith("_itemfs") or name.startswith("inversion_"):
+        raise UsageError(f"{flag} {spec}: {name} is the name of a built-in signal or field; rename the function")
+    return Signal(name, frozenset(needs), lambda r: r.get(name), rule, f"your signal {spec}",
+                  summary=f"mean_{name}", cost=(name,), compute=function)
+
+
+@functools.cache
+def resolve_signal(spec: str) -> tuple[Signal, Signal | None]:
+    """A --signal value: a signal (built-in, or path/to/file.py:NAME), or a combination 'A+B' of a
+    built-in A and a built-in or a file's B, as (A, B), B None for a single signal."""
+    head, plus, tail = spec.partition("+")
+    parts = [head, tail] if plus and head in SIGNALS else [spec]
+    signals = [SIGNALS[p] if p in SIGNALS else load_plugin(p) for p in parts]
+    for part, chosen in zip(parts, signals):
+        if not chosen.loop:
+            raise UsageError(f"--signal {spec}: {part} is audited, not selected by; choose from "
+                             f"{', '.join(LOOP_SIGNALS)} or path/to/file.py:NAME")
+    return signals[0], signals[1] if plus and head in SIGNALS else None
+
+
+def signal_needs(first: Signal, second: Signal | None) -> frozenset:
+    return first.needs | (second.needs if second else frozenset())
+
+
+def plugins_of(first: Signal, second: Signal | None) -> tuple:
+    """The signals of one's own in a --signal value."""
+    return tuple(s for s in (first, second) if s is not None and s.compute is not None)
+
+
+def likelihood_needed(cfg: Config, signal: tuple, records: list[dict], copies: int, floor: float) -> list[int]:
+    """Which candidates get the likelihood (it costs about as much as generating and inverting
+    them): all of them with --score-all or where the signal reads it; with a combination whose
+    first signal keeps a set per task and whose built-in second reads it (ladder+likelihood),
+    those the first keeps; else none."""
+    first, second = signal
+    if cfg.score_all or "likelihood" in first.needs:
+        return list(range(len(records)))
+    if second is None or "likelihood" not in second.needs:
+        return []
+    if second.compute is not None or first.rule in PER_CANDIDATE_RULES:
+        return list(range(len(records)))
+    return kept_by_signal(records, first, None, copies, cfg.threshold, floor)
+
+
+def own_signal(first: Signal, second: Signal | None) -> Signal:
+    """The signal whose value a selection ranks by, its own score: a combination's second where
+    the first keeps a set per task (ladder+X), else the first (inversion+execution)."""
+    return second if second and first.rule not in PER_CANDIDATE_RULES else first
+
+
+def kept_in_task(rule: str, values: list, threshold: float, floor: float) -> list[bool]:
+    """Which of one task's candidates a rule keeps, by their values (None: no value)."""
+    if rule == "threshold":
+        return [v is not None and v >= threshold for v in values]
+    if rule == "passes":
+        return [v is not None and v == 1 for v in values]
+    scored = [v for v in values if v is not None]
+    if not scored:
+        return [False] * len(values)
+    top = max(scored)
+    if rule == "ladder":
+        return [v == top and top >= floor - 1e-9 for v in values]
+    if rule == "group":
+        return [v == top and top >= 2 for v in values]
+    first = values.index(top)
+    keep = rule == "rank" or top >= threshold
+    return [keep and k == first for k in range(len(values))]
+
+
+def kept_by_signal(records: list[dict], first: Signal, second: Signal | None, copies: int,
+                   threshold: float, floor: float) -> list[int]:
+    """The candidates a signal keeps, by its rule per task; records come in runs of `copies` per
+    task. A combination A+B keeps what both keep (A per candidate: inversion+execution), or of
+    A's set per task the one B ranks first (ladder+B; the first on a tie)."""
+    kept = []
+    for start in range(0, len(records), copies):
+        task = records[start:start + copies]
+        keep = kept_in_task(first.rule, [first.value(r) for r in task], threshold, floor)
+        if second and first.rule in PER_CANDIDATE_RULES:
+            keep = [a and b for a, b in zip(keep, kept_in_task(
+                second.rule, [second.value(r) for r in task], threshold, floor))]
+        elif second and any(keep):
+            ranked = [k for k, a in enumerate(keep) if a]
+            best = max(ranked, key=lambda k: -math.inf if second.value(task[k]) is None else second.value(task[k]))
+            keep = [k == best for k in range(len(task))]
+        kept += [start + k for k, a in enumerate(keep) if a]
+    return kept
+
+
+def plugin_values(signal: Signal, records: list[dict], where: str) -> list[dict]:
+    """A plug-in's value recorded on every candidate (under its name); a one-line error naming the
+    signal and `where` when it raises or returns anything but one number or None per candidate."""
+    candidates = [r | {"command": r["command"] if r["usable"] else None} for r in records]
+    try:
+        values = list(signal.compute(candidates))
+    except Exception as err:  # the user's function: whatever it raises is reported in one line
+        raise UsageError(f"signal {signal.name} {where}: raised {type(err).__name__}: {err}") from None
+    if len(values) != len(records):
+        raise UsageError(f"signal {signal.name} {where}: returned {len(values)} values for "
+                         f"{len(records)} candidates")
+    for v in values:
+        if v is not None and (isinstance(v, (str, bytes)) or not isinstance(v, (int, float))
+                              or not math.isfinite(v)):
+            raise UsageError(f"signal {signal.name} {where}: returned {v!r}; each value must be a finite "
+                             f"number or None")
+    return [r | {signal.name: v} for r, v in zip(records, values)]
+
+
+def select_for_training(records: list[dict], mode: str, signal: tuple, rng: random.Random, *,
+                        copies: int, threshold: float, floor: float) -> list[int]:
+    """SELECT. threshold: the candidates the signal keeps (kept_by_signal). all: every candidate
+    with a command (no selection). random: a random subset of those, of exactly the size the
+    signal would keep."""
+    kept = kept_by_signal(records, *signal, copies, threshold, floor)
+    if mode == "threshold":
+        return kept
+    candidates = [i for i, r in enumerate(records) if r["command"]]
+    if mode == "all":
+        return candidates
+    return sorted(rng.sample(candidates, min(len(kept), len(candidates))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1136,66 +1348,6 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
 
 
 # ---------------------------------------------------------------------------------------------
-# LIKELIHOOD: how probable the model finds a given answer (Coder-Reviewer's coder and reviewer)
-# ---------------------------------------------------------------------------------------------
-
-def reviewer_example(tokenizer, task: str, command: str) -> dict:
-    """The loop's inversion prompt for the command, then the task as its answer, then EOS."""
-    return training_example(
-        prompt_ids(tokenizer, inversion_request(command)),
-        tokenizer(task, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-
-
-def coder_reviewer(lm: LanguageModel, cfg: Config, tasks: list[Task], commands: list[str], *,
-                   frozen_reviewer: bool) -> tuple[list[float], list[float], float, float]:
-    """Coder-Reviewer's two mean token log-probabilities per (task, command): the coder's, of the
-    command given the task, by the model as it is; the reviewer's, of the task given the command
-    (the inversion prompt), by the base model when `frozen_reviewer` (adapter disabled), else by
-    the model as it is. And the seconds each took."""
-    started = time.perf_counter()
-    coder = answer_logprobs(lm, [command_example(lm.tokenizer, t, c) for t, c in zip(tasks, commands)],
-                            cfg.gen_batch_size)
-    coder_s = time.perf_counter() - started
-    with lm.model.disable_adapter() if frozen_reviewer else contextlib.nullcontext():
-        reviewer = answer_logprobs(lm, [reviewer_example(lm.tokenizer, t.text, c) for t, c in zip(tasks, commands)],
-                                   cfg.gen_batch_size)
-    return coder, reviewer, coder_s, time.perf_counter() - started - coder_s
-
-
-def likelihood_values(lm: LanguageModel, cfg: Config, records: list[dict],
-                      only: list[int] | None = None) -> Stage:
-    """LIKELIHOOD (--signal likelihood): per usable command (of `only`, when given), the coder's
-    and the frozen base model's reviewer's mean token log-probabilities, and 'likelihood' = exp
-    of their mean, the geometric mean of the two per-token probabilities, in [0, 1] as
-    --threshold is. Not a command: None, and likelihood 0. Records left out by `only` get no
-    value."""
-    wanted = range(len(records)) if only is None else only
-    usable = [i for i in wanted if records[i]["usable"]]
-    coder, reviewer, coder_s, reviewer_s = coder_reviewer(
-        lm, cfg, [Task(records[i]["task"], records[i]["tool"]) for i in usable],
-        [records[i]["command"] for i in usable], frozen_reviewer=True)
-    values = [{} for _ in records]
-    for i in wanted:
-        values[i] = {"coder": None, "reviewer": None, "likelihood": 0.0}
-    for i, c, r in zip(usable, coder, reviewer):
-        values[i] = {"coder": round(c, 5), "reviewer": round(r, 5),
-                     "likelihood": float(f"{math.exp((c + r) / 2):.6g}")}
-    return Stage([record | value for record, value in zip(records, values)],
-                 {"likelihood_s": round(coder_s + reviewer_s, 3), "likelihood_scored": len(usable)})
-
-
-def likelihood_needed(cfg: Config, records: list[dict], copies: int, floor: float) -> list[int]:
-    """Which candidates get the likelihood (it costs about as much as generating and inverting
-    them): all of them with --score-all or --signal likelihood; with ladder+likelihood, those it
-    ranks (on their task's top ladder value, when that is at least the floor); else none."""
-    if cfg.score_all or cfg.signal == "likelihood":
-        return list(range(len(records)))
-    if cfg.signal != "ladder+likelihood":
-        return []
-    return [i for at_top in ladder_tops(records, copies, floor) for i in at_top]
-
-
-# ---------------------------------------------------------------------------------------------
 # Evaluation from outside the loop: NL2Bash, executed in the sandbox (support/nl2bash.py)
 # ---------------------------------------------------------------------------------------------
 
@@ -1274,18 +1426,23 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
         tasks, task_info = write_tasks(lm, cfg, domain, cfg.tasks, rng, seed, probe_texts)
     else:
         tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
+    signal = resolve_signal(cfg.signal)
     stage = run_stage(lm, embedder, cfg, tasks + probe_tasks,
                       copies=[cfg.candidates] * len(tasks) + [1] * len(probe_tasks),
                       greedy=[False] * len(tasks) + [True] * len(probe_tasks), seed=seed,
-                      label=f"batch {index}" + (" and probe" if probe_tasks else ""))
+                      label=f"batch {index}" + (" and probe" if probe_tasks else ""),
+                      certainty="certainty" in signal_needs(*signal))
     sampled = len(tasks) * cfg.candidates  # the batch's records come first, the probe's after
     records, probe_records = stage.records[:sampled], stage.records[sampled:]
     executed = (execute_commands(sandbox, records, cfg.candidates, lm.team) if sandbox
                 else Stage(records, {}))
-    needed = likelihood_needed(cfg, executed.records, cfg.candidates, ladder_floor(shellcheck_available()))
+    needed = likelihood_needed(cfg, signal, executed.records, cfg.candidates, ladder_floor(shellcheck.shellcheck_available()))
     liked = (likelihood_values(lm, cfg, executed.records, needed) if needed
              else Stage(executed.records, {}))
-    return Stage(liked.records, stage.timing | executed.timing | liked.timing | task_info), probe_records
+    records = liked.records
+    for plugin in plugins_of(*signal):
+        records = plugin_values(plugin, records, f"in cycle {index - 1}")
+    return Stage(records, stage.timing | executed.timing | liked.timing | task_info), probe_records
 
 
 def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
@@ -1296,12 +1453,14 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
     run's judge's are counted in the batch's."""
     if not judged:
         return {}, []
-    seed = stage_seed(cfg.seed, "probe", cycle)
+    seed, signal = stage_seed(cfg.seed, "probe", cycle), resolve_signal(cfg.signal)
     # the probe's likelihood is its signal's own score for the likelihood signals
-    liked = (likelihood_values(lm, cfg, judged) if cfg.score_all or "likelihood" in cfg.signal
+    liked = (likelihood_values(lm, cfg, judged) if cfg.score_all or "likelihood" in signal_needs(*signal)
              else Stage(judged, {}))
     executed = (execute_commands(sandbox, liked.records, 1, lm.team) if sandbox
                 else Stage(liked.records, {}))
+    for plugin in plugins_of(*signal):
+        executed = Stage(plugin_values(plugin, executed.records, f"in cycle {cycle} (the probe)"), executed.timing)
     # before any training the adapter adds exactly zero: the frozen judge is the run's judge
     frozen = Stage(judged, {}) if cfg.judge == "frozen" or cycle == 0 else judge_commands(
         lm, embedder, cfg, judged, frozen=True, greedy=True, seed=seed, label="probe, frozen judge")
@@ -1309,7 +1468,7 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
                for r, f in zip(executed.records, frozen.records)]
     frozen_summary = summarize(frozen.records, cfg.scorer)
     seconds = sum(v for t in (liked.timing, executed.timing, frozen.timing) for k, v in t.items() if k.endswith("_s"))
-    summary = summarize(executed.records, cfg.scorer) | {
+    summary = summarize(executed.records, cfg.scorer, plugins_of(*signal)) | {
         "frozen_mean_score": frozen_summary["mean_score"],
         "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
     passed = (f", execution passed {summary['execution_pass_rate']:.2f}"
@@ -1348,10 +1507,10 @@ def cycle_examples(before: list[dict], chosen: set, after: list[dict],
 def signal_up_execution_down(signal: str, previous: dict, probe: dict) -> bool | None:
     """Goodhart's mark: the probe's mean of the signal's own score rose from the cycle before
     while the probe's execution pass rate (label-free: the domain's file system) fell. None
-    where either was not measured."""
-    key = SUMMARY_OF[SIGNAL_VALUE[signal]]
-    figures = [(p or {}).get(k) for p in (previous, probe) for k in (key, "execution_pass_rate")]
-    if None in figures or key in ("execution_pass_rate", "agreement_rate"):  # one measure, or nothing to rise
+    where either was not measured, or where the own score is execution itself (not watched)."""
+    own = own_signal(*resolve_signal(signal))
+    figures = [(p or {}).get(k) for p in (previous, probe) for k in (own.summary, "execution_pass_rate")]
+    if None in figures or not own.watched:
         return None
     score_before, passed_before, score, passed = figures
     return score > score_before and passed < passed_before
@@ -1368,7 +1527,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     last_completed = saved["last_completed_cycle"] if saved else -1
     team.together(lambda: prepare_run_directory(run_dir, last_completed) if team.main else None)
     eval_items = evaluation_items(cfg)
-    floor = ladder_floor(shellcheck_available())
+    floor = ladder_floor(shellcheck.shellcheck_available())
     started = time.perf_counter()
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
@@ -1392,11 +1551,11 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         cycle_start = time.perf_counter()
         print(f"cycle {cycle}/{cfg.cycles}", flush=True)
         before_stage = pending
-        before = summarize(before_stage.records, cfg.scorer)
+        before = summarize(before_stage.records, cfg.scorer, plugins_of(*resolve_signal(cfg.signal)))
         log_stage("before", before_stage, before)
 
         # SELECT: the candidates the signal keeps, from the batch generated last cycle
-        chosen = select_for_training(before_stage.records, cfg.select, cfg.signal,
+        chosen = select_for_training(before_stage.records, cfg.select, resolve_signal(cfg.signal),
                                      random.Random(stage_seed(cfg.seed, "select", cycle)),
                                      copies=cfg.candidates, threshold=cfg.threshold,
                                      floor=floor)
@@ -1414,7 +1573,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         # GENERATE, INVERT, SCORE fresh tasks with the trained model: this cycle's "after"
         # (the fixed probe tasks ride along, greedy)
         after_stage, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_tasks)
-        after = summarize(after_stage.records, cfg.scorer)
+        after = summarize(after_stage.records, cfg.scorer, plugins_of(*resolve_signal(cfg.signal)))
         log_stage("after", after_stage, after)
 
         # PROBE and EVALUATE: the fixed probe tasks, greedy; NL2Bash, executed
@@ -1503,351 +1662,6 @@ def run(cfg: Config, team: Team = Team()) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The audit: every label-free signal scored against execution truth on NL2Bash, before any
-# training (support/audit.py computes the figures)
-# ---------------------------------------------------------------------------------------------
-
-AUDIT_FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold", "judge",
-               "seed", "domain", "tasks_file", "eval_limit", "eval_fs", "eval_workers", "embedder",
-               "device", "precision", "quantize", "cpu_matmul", "max_command_tokens",
-               "max_inversion_tokens", "gen_batch_size", "output", "name")
-AUDIT_DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None}
-AUDIT_RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device"}
-
-
-def audit_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="intrinsic_self_improvement.py audit", allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every label-free signal against execution truth on NL2Bash: for each "
-        "item, --candidates sampled commands and the greedy one, every signal computed for each, "
-        "and InterCode's reward against the gold command; AUROC, Spearman and top-1 reranking "
-        "with bootstrap intervals over items (docs/audit.md). The same command continues a "
-        "stopped audit.")
-    add_config_flags(parser, list(AUDIT_FLAGS), AUDIT_DEFAULTS)
-    parser.add_argument("--adapter", default=None, metavar="RUN_DIR/checkpoint_cycle_N",
-                        help="audit a trained model: the adapter of a run's checkpoint (its model "
-                        "and LoRA shape come from the run; --judge frozen makes the base model judge)")
-    parser.add_argument("--from", dest="from_dir", default=None, metavar="AUDIT_DIR",
-                        help="recompute the figures, table and plot from an audit's candidates file")
-    parser.add_argument("--against", default=None, metavar="AUDIT_DIR",
-                        help="with --from: each signal's change from this audit of the same items "
-                        "(say, the untrained model's) to --from's, with paired bootstrap intervals")
-    parser.add_argument("--truth-again", action="store_true",
-                        help="with --from: execute the candidates again against the gold commands "
-                        "(the execution truth only: no model is loaded)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws over items")
-    parser.add_argument("--margin", type=float, default=None,
-                        help="beats_nothing: reward at least this above the do-nothing command's "
-                        "(default: support/audit.py's BEATS_NOTHING_MARGIN, 0.05)")
-    parser.add_argument("--chunk-items", type=int, default=25,
-                        help="items written at a time: a stopped audit loses at most one chunk")
-    return parser
-
-
-def parse_audit_args(argv: list[str]) -> argparse.Namespace:
-    args = audit_parser().parse_args(argv)
-    for name in ("against", "truth_again"):
-        if getattr(args, name) and args.from_dir is None:
-            raise UsageError(f"--{name.replace('_', '-')} goes with --from AUDIT_DIR")
-    if args.margin is not None and not 0 <= args.margin <= 1:
-        raise UsageError(f"--margin must be in [0, 1], got {args.margin}")
-    for name in ("bootstrap", "chunk_items"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    return args
-
-
-def audit_config(args: argparse.Namespace) -> Config:
-    """The audit's Config: its flags, the model and LoRA shape of --adapter's run, checked."""
-    values = {name: getattr(args, name) for name in AUDIT_FLAGS}
-    if args.adapter is not None:
-        checkpoint = Path(args.adapter)
-        if not (checkpoint / "adapter_model.safetensors").is_file():
-            raise UsageError(f"--adapter {checkpoint}: no adapter there (adapter_model.safetensors); "
-                             f"give a run's RUN_DIR/checkpoint_cycle_N")
-        trained = read_progress(checkpoint.parent / "progress.json", "--adapter: ",
-                                "")["history"]["config"]
-        if values["model"] not in (None, trained["model"]):
-            raise UsageError(f"--adapter {checkpoint} was trained on --model {trained['model']}, "
-                             f"not {values['model']}")
-        values |= {k: trained[k] for k in ("model", "lora_r", "lora_alpha", "lora_dropout")}
-    values["model"] = values["model"] or EMBEDDED_MODEL
-    cfg = validate(Config(**values, eval="nl2bash"))
-    if environment_script(load_domain(cfg.tasks_file, cfg.domain)) is None:
-        raise UsageError(f"audit runs commands in the domain's file system, and the "
-                         f"{domain_label(cfg)} domain has none (bash has one)")
-    return cfg
-
-
-def audit_name(cfg: Config, adapter: str | None) -> str:
-    """model_base or model_RUN_cycleN, with K and the seed."""
-    model = "smollm2-135m" if cfg.model == EMBEDDED_MODEL else Path(cfg.model.rstrip("/")).name
-    trained = "base" if adapter is None else (
-        f"{Path(adapter).resolve().parent.name}_{Path(adapter).name.replace('checkpoint_', '')}")
-    judge = "_frozen-judge" if cfg.judge == "frozen" else ""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}")
-
-
-def audit_inversion(lm: LanguageModel, embedder, cfg: Config, records: list[dict], *,
-                    greedy: bool | list[bool], seed: int, label: str) -> tuple[list[dict], dict]:
-    """The published round trip as SELECT computes it, by the judge: one reconstruction per
-    command, scored by each scorer. Per record {inversion_embed, _lexical, _mix}; seconds of each."""
-    with lm.model.disable_adapter() if cfg.judge == "frozen" else contextlib.nullcontext():
-        inverted = invert_commands(lm, cfg, records, greedy=greedy, seed=seed, label=label)
-        values, seconds = [{} for _ in records], {}
-        for scorer in ("embed", "lexical", "mix"):
-            scored = score_reconstructions(lm, embedder, dataclasses.replace(cfg, scorer=scorer),
-                                           inverted.records, seed=seed, label=label)
-            for value, record in zip(values, scored.records):
-                value[f"inversion_{scorer}"] = record["score"]
-            seconds[f"inversion_{scorer}"] = inverted.timing["invert_s"] + scored.timing["score_s"]
-    return values, seconds
-
-
-def audit_likelihood(lm: LanguageModel, cfg: Config, rows: list[dict]) -> tuple[list[dict], dict]:
-    """coder (the command given the task, by the model audited) and reviewer (the task given the
-    command, by the judge), each a mean token log-probability; None without a command."""
-    scored = [i for i, r in enumerate(rows) if r["command"]]
-    coder, reviewer, coder_s, reviewer_s = coder_reviewer(
-        lm, cfg, [Task(rows[i]["query"]) for i in scored], [rows[i]["command"] for i in scored],
-        frozen_reviewer=cfg.judge == "frozen")
-    values = [{"coder": None, "reviewer": None, "coder_reviewer": None} for _ in rows]
-    for i, c, r in zip(scored, coder, reviewer):
-        values[i] = {"coder": round(c, 5), "reviewer": round(r, 5), "coder_reviewer": round(c + r, 5)}
-    return values, {"coder": coder_s, "reviewer": reviewer_s, "coder_reviewer": coder_s + reviewer_s}
-
-
-def execution_signals(runs: list, parses: list, clean: list, shellcheck: bool,
-                      suffix: str = "") -> list[dict]:
-    """Per run of one item's candidates (the sampled ones first, the greedy one last): the
-    ladder's levels (without `suffix` only: parsing and shellcheck do not depend on the file
-    system), the ladder, the loop's execution verdict, and the agreement group's size (the greedy
-    command's counts the sampled ones and itself). Not a command (no run): every value 0."""
-    sizes = agreement_sizes(runs[:-1]) + agreement_sizes(runs)[-1:]
-    values = []
-    for run, parsed, ok, size in zip(runs, parses, clean, sizes):
-        if run is None:
-            levels = {name: False for name in LADDER} | ({} if shellcheck else {"shellcheck_clean": None})
-        else:
-            levels = execution_ladder(run, parsed, ok)
-        named = {} if suffix else {k: None if v is None else int(v) for k, v in levels.items()}
-        values.append(named | {
-            f"ladder{suffix}": 0.0 if run is None else round(ladder_score(levels), 4),
-            f"execution{suffix}": int(run is not None and execution_verdict(run) == "passed"),
-            f"agreement{suffix}": size})
-    return values
-
-
-def execution_truth(cfg: Config, team: Team, items: list[dict], commands: list[list[str]]):
-    """Each item's commands in the item's own file system, beside the gold command (run afresh:
-    time-relative golds age) and the do-nothing command `true`. Per item: the runs, and per
-    command its truth: InterCode's reward and success; `beats_reward`, the reward of its output
-    without bash's own complaints (an error message that shares a word with the gold output is
-    not doing what was asked); `nothing_reward`; and `gold_broken` when the gold command's
-    program is missing here (then any error message matches the gold's, and the item is out of
-    the figures)."""
-    from support.audit import beats_nothing
-
-    def share_runs(share: list[dict], lists: list[list[str]]) -> list[tuple]:
-        with nl2bash.Evaluator(share, workers=sandbox_workers(cfg, team)) as evaluator:
-            nothing = evaluator.run_items(["true"] * len(share))
-            flat = [(k, c) for k, commands_of_one in enumerate(lists) for c in commands_of_one]
-            runs = evaluator.run_all([share[k]["group"] for k, _ in flat], [c for _, c in flat])
-        out = []
-        for k, gold in enumerate(evaluator.gold_runs):
-            mine = [run for (j, _), run in zip(flat, runs) if j == k]
-            nothing_reward = nl2bash.intercode_reward(gold, nothing[k])
-            broken = execution_verdict(gold) == "program not found"
-            truths = []
-            for run in mine:
-                reward = nl2bash.intercode_reward(gold, run)
-                beats = nl2bash.intercode_reward(gold, nl2bash.without_shell_complaints(run))
-                truths.append({"success": nl2bash.is_success(reward), "reward": reward,
-                               "beats_reward": beats, "nothing_reward": nothing_reward,
-                               "beats_nothing": beats_nothing(beats, nothing_reward),
-                               "trivial_item": nl2bash.is_success(nothing_reward),
-                               "gold_broken": broken})
-            out.append((mine, truths))
-        return out
-    return team.spread(lambda share, lists: team.together(lambda: share_runs(share, lists),
-                                                          SandboxUnavailable), items, commands)
-
-
-def audit_chunk(lm: LanguageModel, embedder, cfg: Config, sandbox, items: list[dict], chunk: int,
-                shellcheck: bool) -> list[dict]:
-    """Every candidate of some items (K sampled and the greedy one, in that order per item) with
-    every label-free signal, and its execution truth against the gold command."""
-    from support.shellcheck import error_free
-    seed, label, k = stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
-    tasks, seconds = [Task(item["query"]) for item in items], {}
-    started = time.perf_counter()
-    # the greedy candidates ride in the sampled ones' passes (the sampled draw as they would alone)
-    n = len(tasks)
-    copies, greedy_tasks = [k] * n + [1] * n, [False] * n + [True] * n
-    written = generate_commands(lm, cfg, tasks + tasks, copies=copies, greedy=greedy_tasks, seed=seed,
-                                label=label, certainty=True)
-    is_greedy = per_row(greedy_tasks, copies)
-    seconds["generate"], seconds["certainty"] = time.perf_counter() - started, 0.0
-    inverted, inverted_s = audit_inversion(lm, embedder, cfg, written.records, greedy=is_greedy,
-                                           seed=seed, label=label)
-    seconds |= inverted_s
-    rows = []
-    for i, item in enumerate(items):
-        mine = list(range(i * k, (i + 1) * k)) + [n * k + i]  # its K sampled candidates, then its greedy one
-        for record, inversion, greedy in ((written.records[j], inverted[j], is_greedy[j]) for j in mine):
-            rows.append({"item": item["id"], "fs": item["group"], "query": item["query"],
-                         "command": record["command"], "output": record["output"],
-                         "greedy": greedy, "usable": record["usable"],
-                         "signals": inversion | {"certainty": record["certainty"]}})
-    likelihood, likelihood_s = audit_likelihood(lm, cfg, rows)
-    seconds |= likelihood_s
-    usable = [i for i, r in enumerate(rows) if r["usable"]]
-    started = time.perf_counter()
-    parses = [None] * len(rows)
-    for i in usable:
-        parses[i] = nl2bash.command_structure(rows[i]["command"]) is not None
-    seconds["parses"] = time.perf_counter() - started
-    started = time.perf_counter()
-    clean = [None] * len(rows)
-    for i, ok in zip(usable, error_free([rows[i]["command"] for i in usable]) if shellcheck else []):
-        clean[i] = ok
-    seconds["shellcheck_clean"] = time.perf_counter() - started
-    started = time.perf_counter()
-    domain_runs = [None] * len(rows)
-    done = lm.team.spread(lambda commands: sandbox.run_all(["domain"] * len(commands), commands),
-                          [rows[i]["command"] for i in usable])
-    for i, run in zip(usable, done):
-        domain_runs[i] = run
-    seconds["execution"] = time.perf_counter() - started
-    started = time.perf_counter()
-    truth = execution_truth(cfg, lm.team, items, [[r["command"] for r in rows[j:j + k + 1]]
-                                                  for j in range(0, len(rows), k + 1)])
-    seconds["execution_itemfs"] = time.perf_counter() - started
-    for j, (item_runs, truths) in zip(range(0, len(rows), k + 1), truth):
-        span = range(j, j + k + 1)
-        runs_itemfs = [run if rows[i]["usable"] else None for i, run in zip(span, item_runs)]
-        domain = execution_signals([domain_runs[i] for i in span], [parses[i] for i in span],
-                                   [clean[i] for i in span], shellcheck)
-        itemfs = execution_signals(runs_itemfs, [parses[i] for i in span], [clean[i] for i in span],
-                                   shellcheck, suffix="_itemfs")
-        for i, t, d, f in zip(span, truths, domain, itemfs):
-            rows[i]["signals"] |= likelihood[i] | d | f
-            rows[i] |= t | {"verdict": "unusable" if domain_runs[i] is None
-                            else execution_verdict(domain_runs[i])}
-    cost = costs_per_candidate(seconds, len(rows))
-    return [r | {"cost": cost} for r in rows]
-
-
-def audit_settings(cfg: Config, args: argparse.Namespace, shellcheck: bool) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in AUDIT_FLAGS
-            and k not in AUDIT_RUN_ONLY} | {
-        "adapter": None if args.adapter is None else str(Path(args.adapter).resolve()),
-        "chunk_items": args.chunk_items, "shellcheck": shellcheck}
-
-
-def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]:
-    """Every candidate executed again against its item's gold command, its truth fields replaced
-    (its signals kept); the candidates file rewritten."""
-    per_item = settings["candidates"] + 1
-    wanted = {r["item"] for r in rows}
-    try:
-        items = [i for i in nl2bash.load_items() if i["id"] in wanted]
-    except SandboxUnavailable as err:
-        raise UsageError(f"--truth-again: {err}") from None
-    if [i["id"] for i in items] != [r["item"] for r in rows[::per_item]]:
-        raise UsageError(f"--truth-again: {audit_dir} does not hold {per_item} candidates per item in order")
-    started, updated = time.perf_counter(), []
-    for first in range(0, len(items), settings["chunk_items"]):
-        chunk = items[first:first + settings["chunk_items"]]
-        mine = rows[first * per_item:(first + len(chunk)) * per_item]
-        try:
-            truth = execution_truth(Config(), Team(), chunk, [[r["command"] for r in mine[j:j + per_item]]
-                                                              for j in range(0, len(mine), per_item)])
-        except SandboxUnavailable as err:
-            raise UsageError(f"--truth-again: {err}") from None
-        updated += [r | t for r, t in zip(mine, (t for _, truths in truth for t in truths))]
-        print(f"truth again: items {first + 1}-{first + len(chunk)} of {len(items)}", flush=True)
-    write_jsonl(audit_dir / "audit_candidates.jsonl", updated)
-    print(f"executed {len(updated)} candidates again in {time.perf_counter() - started:.1f}s", flush=True)
-    return updated
-
-
-def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
-    """`audit --from AUDIT_DIR`: the figures again from audit_candidates.jsonl (its truth
-    executed again with --truth-again); with --against, each signal's change."""
-    settings, rows, meta = read_audit(audit_dir)
-    if args.truth_again:
-        rows = truth_again(audit_dir, settings, rows)
-    before = None if args.against is None else read_candidates(args.against)
-    result = write_figures(audit_dir, rows, settings, meta, bootstrap=args.bootstrap, margin=args.margin)
-    if before is not None:
-        write_changes(audit_dir, args.against, before, rows, bootstrap=args.bootstrap, seed=settings["seed"],
-                      margin=args.margin)
-    return result
-
-
-def run_audit(cfg: Config, args: argparse.Namespace, team: Team) -> dict:
-    """`audit`: sample, score with every signal, execute; written chunk by chunk, then figures."""
-    from support.cpu_products import cpu_identity
-    from support.shellcheck import shellcheck_available
-    shellcheck = shellcheck_available()
-    if not shellcheck:
-        print("shellcheck is not installed (apt-get install shellcheck): the ladder's "
-              "shellcheck_clean level is reported unavailable", flush=True)
-    audit_dir = Path(cfg.output) / (cfg.name or audit_name(cfg, args.adapter))
-    settings = audit_settings(cfg, args, shellcheck)
-    settings_path = audit_dir / "audit_settings.json"
-    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
-        raise UsageError(f"{audit_dir} holds an audit with other settings ({settings_path}); "
-                         f"choose another --name or --output")
-    try:
-        items = nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
-    except ValueError as err:
-        raise UsageError(f"--eval-limit: {err}") from None
-    except SandboxUnavailable as err:
-        raise UsageError(f"audit: {err}") from None
-    per_item = cfg.candidates + 1
-    path = audit_dir / "audit_candidates.jsonl"
-    rows = audited_so_far(path, items, per_item)
-    started = time.perf_counter()
-    try:
-        sandbox = team.together(lambda: Sandbox(
-            {"domain": (environment_script(load_domain(cfg.tasks_file, cfg.domain)), None)},
-            workers=sandbox_workers(cfg, team)), SandboxUnavailable)
-    except SandboxUnavailable as err:
-        raise UsageError(f"audit executes every candidate in the sandbox: {err}") from None
-    with sandbox:
-        lock = team.together(lambda: hold_run_directory(audit_dir) if team.main else None)
-        try:
-            if team.main:
-                write_json(settings_path, settings)
-            lm, embedder = load_models(dataclasses.replace(cfg, scorer="embed"), team)
-            if args.adapter is not None:
-                load_adapter(lm, Path(args.adapter))
-            done = len(rows) // per_item
-            if done:
-                print(f"continuing {audit_dir}: {done} of {len(items)} items done", flush=True)
-            for first in range(done, len(items), args.chunk_items):
-                chunk_started = time.perf_counter()
-                chunk = items[first:first + args.chunk_items]
-                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items,
-                                    shellcheck)
-                if team.main:
-                    write_jsonl(path, rows)
-                print(f"audit: items {first + 1}-{first + len(chunk)} of {len(items)}, "
-                      f"{len(chunk) * per_item} candidates in {time.perf_counter() - chunk_started:.1f}s",
-                      flush=True)
-            meta = {"machine": cpu_identity(), "compute": compute_record(lm),
-                    "wall_s": round(time.perf_counter() - started, 1), "complete": True}
-            return (write_figures(audit_dir, rows, settings, meta, bootstrap=args.bootstrap, margin=args.margin)
-                    if team.main else {})
-        finally:
-            if lock is not None:
-                lock.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -1891,20 +1705,21 @@ def compare(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, auditing, team = None, None, Team()
+
+    def team_of(joined: Team) -> Team:  # the audit joins its team; errors are then reported once
+        nonlocal team
+        team = joined
+        return team
     on_sigterm = signal.signal(signal.SIGTERM,
                                terminated)  # a team's processes replace it (join_team)
     try:
         team = team_from_environment()
         if argv[:1] == ["compare"]:
             compare(argv[1:])
-        elif argv[:1] == ["audit"]:
-            args = parse_audit_args(argv[1:])
-            if args.from_dir is not None:
-                recompute_audit(Path(args.from_dir), args)
-            else:
-                auditing = audit_config(args)
-                team = join_team(auditing)
-                run_audit(auditing, args, team)
+        elif argv[:1] == ["audit"]:  # a program of its own, support/audit_program.py
+            from support.audit_program import main as audit
+            auditing = True
+            audit(argv[1:], join=lambda config: team_of(join_team(config)))
         else:
             cfg = parse_config(argv)
             team = join_team(cfg)

@@ -126,7 +126,7 @@ def loop_figures(run_dir: Path) -> dict:
     history = json.loads((run_dir / "progress.json").read_text())["history"]
     cycles = history["cycles"]
     signal = history["config"]["signal"]
-    key = isi.SUMMARY_OF[isi.SIGNAL_VALUE[signal]]
+    key = isi.own_signal(*isi.resolve_signal(signal)).summary
     return {"pairs": [c["training"]["selected"] for c in cycles],
             "probe_pass": [history["probe_initial"].get("execution_pass_rate")]
             + [c["probe"].get("execution_pass_rate") for c in cycles],

@@ -101,7 +101,8 @@ def digests(folder: Path, keep: Path, prefix: str, scratch: Path) -> dict:
             records = records.get("history", records)
         else:
             continue
-        text = json.dumps(records, sort_keys=True, indent=1).replace(str(scratch), "SCRATCH")
+        # in the order written (the key order is part of the bytes)
+        text = json.dumps(records, indent=1).replace(str(scratch), "SCRATCH")
         (keep / f"{prefix}__{path.name}").write_text(text)
         out[f"{prefix}/{path.name}"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return out

@@ -10,14 +10,25 @@ script.
     tasks.py          task domains (domains/*.json and --tasks-file) and their file systems
     sandbox.py        the bubblewrap sandbox every generated command runs in
     nl2bash.py        the NL2Bash benchmark: items, InterCode's reward, NLC2CMD
+    bash_structure.py  a command's utilities and flags (bashlex, with a deadline): NLC2CMD, the ladder
     audit.py          the audit's figures: AUROC, Spearman, top-1, bootstrap intervals; table, plot
     audit_directory.py  the audit's files: what it wrote so far, its figures written and read back
     shellcheck.py     the static analyser, one level of the execution ladder
 
 Heavy libraries (torch, transformers) are imported inside the functions that need them, so the
 CLI answers --help and bad input at once.
+
+Here, for every module: UsageError, and cache_root (the project's cache folder).
 """
+import os
+from pathlib import Path
 
 
 class UsageError(Exception):
     """Bad input from the user: reported in one line, exit code 2, nothing touched."""
+
+
+def cache_root() -> Path:
+    """The project's cache folder, kept across runs: the embedded model as a plain transformers
+    folder (model.py), the --cpu-matmul choice measured on this machine (cpu_products.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "intrinsic-self-improvement"

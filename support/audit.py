@@ -9,17 +9,17 @@ them); intervals are 95% percentile bootstraps over items (all candidates of a d
 with it), the same draws for every signal. A signal that abstains on a candidate (None) ranks it
 below every candidate it scored.
 
+Each signal's own selection rule (what it would keep of one item's candidates, as the loop
+selects) comes from the signal table of intrinsic_self_improvement.py, as a function the caller
+passes: the figures do not know the signals.
+
 The rest may call: auroc, beats_nothing, scored, auroc_draws, spearman_draws, item_draws, interval, top1_values,
-keeps, costs_per_candidate, audit_figures, audit_table, plot_audit, paired_changes, changes_table, SIGNAL_RULES,
-LADDER, BEATS_NOTHING_MARGIN.
+audit_figures, audit_table, plot_audit, paired_changes, changes_table, BEATS_NOTHING_MARGIN.
 """
 import math
 from pathlib import Path
 
 import numpy as np
-
-# The execution ladder, bottom to top (the script's execution_ladder computes each level).
-LADDER = ("parses", "programs_exist", "shellcheck_clean", "exits_zero", "no_usage_error", "effect")
 
 # A candidate beats doing nothing when its reward exceeds the do-nothing command's on the same item
 # by at least this. The reward's output part is 0.33 x the TF-IDF cosine of the outputs, rounded to
@@ -31,19 +31,6 @@ BEATS_NOTHING_MARGIN = 0.05
 # An item bootstrap says nothing about a truth whose positives sit on a few items (drawn or not,
 # the figure hardly moves): below this many items with a positive, its intervals are not given.
 MIN_POSITIVE_ITEMS = 5
-
-# Each signal's own selection rule (what it would keep of one item's candidates, as the loop
-# selects), for starvation: "threshold" (the loop's --threshold), "passes" (value 1), "group"
-# (the largest agreement group, of two or more), "ladder" (climbed at least to exits_zero),
-# "rank" (the best-scored candidate; starves only when it scores none).
-SIGNAL_RULES = {
-    "inversion_embed": "threshold", "inversion_lexical": "threshold", "inversion_mix": "threshold",
-    "reviewer": "rank", "coder": "rank", "coder_reviewer": "rank", "certainty": "rank",
-    **{level: "passes" for level in LADDER}, "ladder": "ladder", "execution": "passes",
-    "agreement": "group",
-    "ladder_itemfs": "ladder", "execution_itemfs": "passes", "agreement_itemfs": "group",
-}
-
 
 # --- statistics -------------------------------------------------------------------------------
 
@@ -120,51 +107,6 @@ def top1_values(groups: list[list[dict]], name: str, truth: str) -> np.ndarray:
     return np.array(values)
 
 
-def keeps(rule: str, values: list, threshold: float, ladder_floor: float) -> list[bool]:
-    """Which of one item's candidates a signal's own selection rule keeps."""
-    if rule == "threshold":
-        return [v is not None and v >= threshold for v in values]
-    if rule == "passes":
-        return [v == 1 for v in values]
-    if rule == "ladder":
-        return [v is not None and v >= ladder_floor - 1e-9 for v in values]
-    scored = [v for v in values if v is not None]
-    if not scored:
-        return [False] * len(values)
-    if rule == "group":
-        return [v is not None and v >= 2 and v == max(scored) for v in values]
-    best = max(scored)
-    return [v == best for v in values]
-
-
-def ladder_floor(shellcheck_available: bool) -> float:
-    """The ladder value of a command that climbed to exits_zero: the levels up to it over the
-    levels available (shellcheck_clean is left out where shellcheck is missing)."""
-    available = len(LADDER) - (0 if shellcheck_available else 1)
-    climbed = LADDER.index("exits_zero") + 1 - (0 if shellcheck_available else 1)
-    return climbed / available
-
-
-# --- what each signal costs ------------------------------------------------------------------
-
-def costs_per_candidate(seconds: dict, candidates: int) -> dict:
-    """Seconds per candidate of each signal, beyond generating the candidates: what computing it
-    took (the ladder's levels share the domain's runs; parses and shellcheck_clean add theirs)."""
-    run = seconds["execution"]
-    cost = {name: seconds[name] for name in ("generate", "certainty", "inversion_embed",
-                                            "inversion_lexical", "inversion_mix", "coder",
-                                            "reviewer", "coder_reviewer")}
-    cost |= {"parses": seconds["parses"], "shellcheck_clean": seconds["shellcheck_clean"],
-             "programs_exist": run, "exits_zero": run, "no_usage_error": run, "effect": run,
-             "execution": run, "agreement": run,
-             "ladder": run + seconds["parses"] + seconds["shellcheck_clean"]}
-    item = seconds["execution_itemfs"]
-    cost |= {"execution_itemfs": item, "agreement_itemfs": item,
-             "ladder_itemfs": item + seconds["parses"] + seconds["shellcheck_clean"]}
-    return {name: round(value / candidates, 5) for name, value in cost.items()}
-
-
-
 # --- the figures ------------------------------------------------------------------------------
 
 def by_item(records: list[dict]) -> tuple[list[str], list[list[dict]], dict]:
@@ -201,11 +143,13 @@ def scored(records: list[dict], margin: float) -> list[dict]:
             for r in records if not r.get("gold_broken")]
 
 
-def audit_figures(records: list[dict], *, threshold: float, shellcheck_available: bool,
+def audit_figures(records: list[dict], *, rules: dict, keeps, threshold: float, shellcheck_available: bool,
                   bootstrap: int = 1000, seed: int = 0, margin: float = BEATS_NOTHING_MARGIN) -> dict:
     """Every signal against the three truths, with bootstrap intervals over items; and the
     reference points (random pick, greedy, oracle) and the positives of each truth. A record
-    with the do-nothing command's reward gets beats_nothing anew, by `margin`."""
+    with the do-nothing command's reward gets beats_nothing anew, by `margin`. `rules`: each
+    signal's selection rule by name ('rank' where it is not named); `keeps(rule, values)`: which
+    of one item's candidates the rule keeps, for the share of items it starves."""
     broken = len({r["item"] for r in records if r.get("gold_broken")})
     records = scored(records, margin)
     items, groups, greedy = by_item(records)
@@ -242,7 +186,6 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
     all_items = np.ones(n_items, bool)
     share = lambda truth: np.array([np.mean([float(c[truth]) for c in g]) for g in groups])  # noqa: E731
     figures = {}
-    floor = ladder_floor(shellcheck_available)
     for name in signal_names(records):
         scores = ranked([c["signals"].get(name) for c in flat])
         a, a_ci = auc(scores, success, hard)
@@ -254,8 +197,8 @@ def audit_figures(records: list[dict], *, threshold: float, shellcheck_available
         top1_b, top1_b_ci = item_mean(top1_values(groups, name, "beats_nothing"), all_items)
         gain, gain_ci = item_mean(top1_values(groups, name, "beats_nothing") - share("beats_nothing"),
                                   all_items)
-        rule = SIGNAL_RULES.get(name, "rank")
-        kept = [keeps(rule, [c["signals"].get(name) for c in g], threshold, floor) for g in groups]
+        rule = rules.get(name, "rank")
+        kept = [keeps(rule, [c["signals"].get(name) for c in g]) for g in groups]
         values = [[c["signals"].get(name) for c in g] for g in groups]
         cost = [c.get("cost", {}).get(name) for c in flat]
         figures[name] = {

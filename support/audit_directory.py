@@ -12,12 +12,41 @@ from support.audit import BEATS_NOTHING_MARGIN, audit_figures, audit_table, chan
 from support.run_directory import read_jsonl, write_json
 
 
+# what every candidate of audit_candidates.jsonl holds, with its type
+CANDIDATE_FIELDS = {"item": str, "greedy": bool, "usable": bool, "signals": dict, "success": bool,
+                    "reward": (int, float), "trivial_item": bool}
+
+
+def candidate_problem(row) -> str | None:
+    """What keeps a row of a candidates file from being a candidate; None when nothing does."""
+    if not isinstance(row, dict):
+        return "not an object"
+    for name, kind in CANDIDATE_FIELDS.items():
+        if name not in row:
+            return f"no {name!r}"
+        if not isinstance(row[name], kind):
+            return f"its {name!r} is {row[name]!r}"
+    if any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in row["signals"].values()):
+        return "a signal's value is not a number"
+    return None
+
+
+def check_candidates(path: Path, rows: list) -> list[dict]:
+    """The rows of a candidates file, each checked to be a candidate; a one-line error naming the
+    file and the first row that is not (a hand edit, another tool's row)."""
+    for number, row in enumerate(rows, 1):
+        problem = candidate_problem(row)
+        if problem:
+            raise UsageError(f"{path}: row {number} is not an audit candidate ({problem})")
+    return rows
+
+
 def audited_so_far(path: Path, items: list[dict], per_item: int) -> list[dict]:
     """The candidates an audit has written (whole chunks), checked against the items."""
     if not path.exists():
         return []
     try:
-        rows = read_jsonl(path)
+        rows = check_candidates(path, read_jsonl(path))
         ids = [r["item"] for r in rows[::per_item]]
         if len(rows) % per_item or ids != [item["id"] for item in items[:len(ids)]]:
             raise ValueError("its candidates are not the items' in order")
@@ -27,11 +56,11 @@ def audited_so_far(path: Path, items: list[dict], per_item: int) -> list[dict]:
     return rows
 
 
-def write_figures(audit_dir: Path, rows: list[dict], settings: dict, meta: dict, *, bootstrap: int,
-                  margin: float | None) -> dict:
+def write_figures(audit_dir: Path, rows: list[dict], settings: dict, meta: dict, *, rules: dict, keeps,
+                  bootstrap: int, margin: float | None) -> dict:
     """audit.json, audit.png and the printed table, from the candidates (`margin` None: the
-    default BEATS_NOTHING_MARGIN)."""
-    figures = audit_figures(rows, threshold=settings["threshold"], bootstrap=bootstrap,
+    default BEATS_NOTHING_MARGIN; `rules` and `keeps` as audit_figures takes them)."""
+    figures = audit_figures(rows, rules=rules, keeps=keeps, threshold=settings["threshold"], bootstrap=bootstrap,
                             shellcheck_available=settings["shellcheck"], seed=settings["seed"],
                             margin=BEATS_NOTHING_MARGIN if margin is None else margin)
     result = figures | {"settings": settings} | meta
@@ -47,7 +76,7 @@ def read_audit(audit_dir: Path) -> tuple[dict, list[dict], dict]:
     compute, wall time, complete); a one-line error where it cannot be read or is empty."""
     try:
         settings = json.loads((audit_dir / "audit_settings.json").read_text())
-        rows = read_jsonl(audit_dir / "audit_candidates.jsonl")
+        rows = check_candidates(audit_dir / "audit_candidates.jsonl", read_jsonl(audit_dir / "audit_candidates.jsonl"))
         meta = json.loads((audit_dir / "audit.json").read_text()) if (audit_dir / "audit.json").exists() else {}
     except (OSError, ValueError) as err:
         raise UsageError(f"--from {audit_dir}: not a readable audit ({type(err).__name__}: {err})") from None
@@ -58,8 +87,9 @@ def read_audit(audit_dir: Path) -> tuple[dict, list[dict], dict]:
 
 def read_candidates(audit_dir: str) -> list[dict]:
     """Another audit's candidates (for --against); a one-line error where they cannot be read."""
+    path = Path(audit_dir) / "audit_candidates.jsonl"
     try:
-        return read_jsonl(Path(audit_dir) / "audit_candidates.jsonl")
+        return check_candidates(path, read_jsonl(path))
     except (OSError, ValueError) as err:
         raise UsageError(f"--against {audit_dir}: not a readable audit ({err})") from None
 

@@ -18,11 +18,14 @@ import platform
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from support import UsageError
-from support.model import LanguageModel, cache_root
+from support import UsageError, cache_root
 from support.run_directory import write_json
 from support.team import Team
+
+if TYPE_CHECKING:  # a type hint only: support.model imports this module
+    from support.model import LanguageModel
 
 
 def frozen_linears(model) -> list:
@@ -32,7 +35,7 @@ def frozen_linears(model) -> list:
     return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
 
 
-def can_pack(lm: LanguageModel) -> bool:
+def can_pack(lm: "LanguageModel") -> bool:
     import torch
     return (lm.device == "cpu" and lm.weights in ("float32", "bfloat16") and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -90,7 +93,7 @@ def adapter_layers(model) -> list:
 
 
 @contextlib.contextmanager
-def merged_adapter(lm: LanguageModel):
+def merged_adapter(lm: "LanguageModel"):
     """For a generation stage: each LoRA layer runs one product with W + s BA instead of the
     base product plus the adapter's two small ones and their sum: a CPU generate stage ran 12%
     faster, an inversion stage 10% (fp32, packed products, four alternated pairs).
@@ -151,7 +154,7 @@ def time_products(dtype, k: int, n: int) -> dict:
     return best
 
 
-def choose_cpu_matmul(lm: LanguageModel, cfg) -> str:
+def choose_cpu_matmul(lm: "LanguageModel", cfg) -> str:
     """--cpu-matmul, auto resolved on this machine: packed where it is at least 5% faster than
     torch's own product at the model's largest frozen shape, and the memory it adds (about five
     times the frozen weights) is at most a quarter of the machine's. Measured once per CPU, torch
@@ -194,7 +197,7 @@ def choose_cpu_matmul(lm: LanguageModel, cfg) -> str:
     return known[key]["choice"]
 
 
-def use_cpu_matmul(lm: LanguageModel, cfg, team: Team = Team()) -> None:
+def use_cpu_matmul(lm: "LanguageModel", cfg, team: Team = Team()) -> None:
     """Decide --cpu-matmul (the main process decides, every process takes its choice) and install it."""
     choice = team.everyone(team.together(lambda: choose_cpu_matmul(lm, cfg) if team.main else None))[0]
     set_packed_products(lm.model, choice == "packed")

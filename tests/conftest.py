@@ -64,6 +64,14 @@ def tiny_args(model_dir, output, *extra) -> list[str]:
             "--scorer", "lexical", "--threshold", "0", "--batch-size", "2", *extra]
 
 
+def load_tiny(tiny_model_dir, *extra):
+    """The tiny model in float32: the equality checks that use it compare two code paths, and in
+    bf16 the rounding of a row depends on the shape of its batch."""
+    import intrinsic_self_improvement as isi
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra])
+    return support.model.load_language_model(cfg)
+
+
 def read_progress(run_dir: Path) -> dict:
     return json.loads((run_dir / "progress.json").read_text())
 
@@ -86,6 +94,26 @@ def sandbox_unavailable(error) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"the sandbox must run under CI: {error}")
     pytest.skip(f"sandbox unavailable: {error}")
+
+
+# The NL2Bash benchmark's items, for its scorer's tests (test_nl2bash.py) and the sandbox's
+# containment tests (test_sandbox.py), which run in one item's file system.
+TIMEOUT_S = 3.0  # the seconds a command gets in the evaluators those tests build
+COPY_GOLD = "cp /testbed/hello.php /testbed/hello-COPY.php"  # an item whose gold adds a file
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict]:
+    from support import nl2bash as ne
+    from support import sandbox as sb
+    try:
+        return ne.load_items()
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+
+
+def item_with_gold(items: list[dict], gold: str) -> dict:
+    return next(item for item in items if item["gold"] == gold)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from conftest import one_line_error, refuse_model_loading, sandbox_unavailable
 
 import intrinsic_self_improvement as isi
+from support import audit_program
 import support.decoder
 import support.shellcheck
 import support.tasks
@@ -79,12 +80,11 @@ def test_shell_complaints_are_not_output_and_broken_items_are_left_out():
     assert support.nl2bash.without_shell_complaints(run).output == "ls: cannot access 'a'\n"
     records = [candidate("a", 1.0, True, 1.0, True), candidate("a", 0.0),
                candidate("b", 1.0, True, 1.0, True) | {"gold_broken": True}, candidate("b", 0.0) | {"gold_broken": True}]
-    figures = au.audit_figures(records, threshold=0.5, shellcheck_available=True, bootstrap=10)
+    figures = figures_of_records(records, bootstrap=10)
     assert figures["items"] == 1 and figures["broken_items_left_out"] == 1
     # beats_nothing is decided on the reward without bash's complaints, where it is recorded
     loud = [r | {"nothing_reward": 0.67, "reward": 0.8, "beats_reward": 0.67} for r in records[:2]]
-    assert au.audit_figures(loud, threshold=0.5, shellcheck_available=True,
-                            bootstrap=10)["positives"]["beats_nothing"] == 0
+    assert figures_of_records(loud, bootstrap=10)["positives"]["beats_nothing"] == 0
 
 
 def test_top1_takes_the_expectation_over_a_tie():
@@ -94,17 +94,10 @@ def test_top1_takes_the_expectation_over_a_tie():
     assert au.top1_values(groups, "s", "success").tolist() == [0.5, 0.5, 1.0]
 
 
-@pytest.mark.parametrize("rule, values, kept", [
-    ("threshold", [0.4, 0.5, None], [False, True, False]),
-    ("passes", [1, 0, None], [True, False, False]),
-    ("ladder", [4 / 6, 0.5, 1.0], [True, False, True]),
-    ("group", [2, 2, 1, 0], [True, True, False, False]),
-    ("group", [1, 1, 0], [False, False, False]),  # no group of two: starved
-    ("rank", [None, -3.0, -1.0], [False, False, True]),
-    ("rank", [None, None], [False, False]),
-])
-def test_selection_rules(rule, values, kept):
-    assert au.keeps(rule, values, threshold=0.5, ladder_floor=au.ladder_floor(True)) == kept
+def figures_of_records(records, **kw):
+    """audit_figures with the signal table's rules, as the audit computes them."""
+    keeps = lambda rule, values: isi.kept_in_task(rule, values, 0.5, isi.ladder_floor(True))  # noqa: E731
+    return au.audit_figures(records, rules={}, keeps=keeps, threshold=0.5, shellcheck_available=True, **kw)
 
 
 def test_figures_on_constructed_candidates():
@@ -113,7 +106,7 @@ def test_figures_on_constructed_candidates():
                candidate("x", 0.5, False, 0.7, greedy=True),
                candidate("y", 0.8, True, 1.0, True, trivial=True), candidate("y", 0.2, True, 1.0, True, trivial=True),
                candidate("y", 0.3, False, 0.6, greedy=True, trivial=True)]
-    figures = au.audit_figures(records, threshold=0.5, shellcheck_available=True, bootstrap=50)
+    figures = figures_of_records(records, bootstrap=50)
     s = figures["signals"]["s"]
     assert (s["auroc"], s["top1_success"], s["top1_beats_nothing"]) == (1.0, 1.0, 1.0)
     assert s["auroc_beats_nothing"] == 1.0  # positives 0.9, 0.8, 0.2 all above the negative 0.1
@@ -125,10 +118,8 @@ def test_figures_on_constructed_candidates():
     assert s["top1_gain_beats_nothing"] == 0.25  # x: 1 - 1/2; y: 1 - 1
     # the do-nothing command's reward, where given, decides beats_nothing by the margin
     margin = [r | {"nothing_reward": r["reward"] - 0.02} for r in records]
-    assert au.audit_figures(margin, threshold=0.5, shellcheck_available=True, bootstrap=10,
-                            margin=0.05)["positives"]["beats_nothing"] == 0
-    assert au.audit_figures(margin, threshold=0.5, shellcheck_available=True, bootstrap=10,
-                            margin=0.01)["positives"]["beats_nothing"] == 4
+    assert figures_of_records(margin, bootstrap=10, margin=0.05)["positives"]["beats_nothing"] == 0
+    assert figures_of_records(margin, bootstrap=10, margin=0.01)["positives"]["beats_nothing"] == 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +146,10 @@ def test_each_level_of_the_ladder(sandbox):
     clean = support.shellcheck.error_free(commands)
     for (command, fails), run, ok in zip(LADDER_COMMANDS, runs, clean):
         levels = isi.execution_ladder(run, isi.nl2bash.command_structure(command) is not None, ok)
-        climbed = au.LADDER.index(fails) if fails else len(au.LADDER)
-        assert [levels[name] for name in au.LADDER[:climbed]] == [True] * climbed, (command, levels)
+        climbed = isi.LADDER.index(fails) if fails else len(isi.LADDER)
+        assert [levels[name] for name in isi.LADDER[:climbed]] == [True] * climbed, (command, levels)
         assert fails is None or levels[fails] is False, (command, levels)
-        assert isi.ladder_score(levels) == pytest.approx(climbed / len(au.LADDER)), command
+        assert isi.ladder_score(levels) == pytest.approx(climbed / len(isi.LADDER)), command
     # without shellcheck its level is unavailable: skipped, and out of the count
     levels = isi.execution_ladder(runs[-2], True, None)  # `true`: climbs 4 of the 5 levels left
     assert isi.ladder_score(levels) == pytest.approx(4 / 5)
@@ -167,7 +158,7 @@ def test_each_level_of_the_ladder(sandbox):
 def test_missing_shellcheck_is_unavailable_not_failed(monkeypatch):
     monkeypatch.setattr(support.shellcheck, "shellcheck_available", lambda: False)
     assert support.shellcheck.error_free(["ls"]) is None
-    assert au.ladder_floor(False) == pytest.approx(3 / 5) and au.ladder_floor(True) == pytest.approx(4 / 6)
+    assert isi.ladder_floor(False) == pytest.approx(3 / 5) and isi.ladder_floor(True) == pytest.approx(4 / 6)
 
 
 def test_agreement_sizes_count_same_passing_results(sandbox):
@@ -256,7 +247,7 @@ def test_certainty_is_the_mean_log_probability_of_the_sampled_tokens(tiny_lm):
 KNOWN = ["ls", "true", "ls -a", "find . -type f", "nosuchprogram", "Sure, here it is"]
 
 SIGNALS = {"inversion_embed", "inversion_lexical", "inversion_mix", "certainty", "coder", "reviewer",
-           "coder_reviewer", *au.LADDER, "ladder", "execution", "agreement", "ladder_itemfs", "execution_itemfs",
+           "coder_reviewer", *isi.LADDER, "ladder", "execution", "agreement", "ladder_itemfs", "execution_itemfs",
            "agreement_itemfs"}
 
 FIGURE_KEYS = {"auroc", "auroc_ci", "auroc_beats_nothing", "auroc_beats_nothing_ci", "auroc_usable",
@@ -339,18 +330,18 @@ def test_a_stopped_audit_continues_to_the_same_candidates(tiny_model_dir, tmp_pa
         assert isi.main(audit_args(tiny_model_dir, tmp_path / "straight")) == 0
     except sb.SandboxUnavailable as error:
         sandbox_unavailable(error)
-    chunk, calls = isi.audit_chunk, []
+    chunk, calls = audit_program.audit_chunk, []
 
     def stopped_at_the_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return chunk(*args, **kwargs)
-    monkeypatch.setattr(isi, "audit_chunk", stopped_at_the_second)
+    monkeypatch.setattr(audit_program, "audit_chunk", stopped_at_the_second)
     assert isi.main(audit_args(tiny_model_dir, tmp_path / "stopped")) == 130
     assert "run the same command to continue" in capsys.readouterr().err
     assert len(candidates(tmp_path / "stopped" / "a")) == 3 * 4  # the first chunk, whole
-    monkeypatch.setattr(isi, "audit_chunk", chunk)
+    monkeypatch.setattr(audit_program, "audit_chunk", chunk)
     assert isi.main(audit_args(tiny_model_dir, tmp_path / "stopped")) == 0
     assert "3 of 6 items done" in capsys.readouterr().out
     assert candidates(tmp_path / "stopped" / "a") == candidates(tmp_path / "straight" / "a")
@@ -383,7 +374,7 @@ def test_an_audit_without_sandbox_or_shellcheck(tiny_model_dir, tmp_path, known_
         raise sb.SandboxUnavailable("bubblewrap cannot run here")
     with monkeypatch.context() as patch:
         refuse_model_loading(patch)
-        patch.setattr(isi, "Sandbox", unavailable)
+        patch.setattr(audit_program, "Sandbox", unavailable)
         assert isi.main(audit_args(tiny_model_dir, tmp_path)) == 2
         assert "audit executes every candidate in the sandbox: bubblewrap" in one_line_error(capsys)
     monkeypatch.setattr(support.shellcheck, "shellcheck_available", lambda: False)

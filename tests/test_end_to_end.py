@@ -1,5 +1,6 @@
 """End-to-end runs: a tiny random model from a config (seconds), resume equivalence, the
-embedded default (one short run), and the batched decoder against transformers' generate."""
+embedded default (one short run). (The batched decoder against transformers' generate is in
+test_decoder.py.)"""
 import json
 import random
 import re
@@ -8,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import figures, one_line_error, read_progress, refuse_model_loading, tiny_args
+from conftest import figures, load_tiny, one_line_error, read_progress, refuse_model_loading, tiny_args
 
 import intrinsic_self_improvement as isi
-import support.decoder
 import support.model
 import support.reports
 import support.tasks
@@ -88,31 +88,6 @@ def test_tasks_file_domain(tiny_model_dir, tmp_path):
     run_dir = tmp_path / f"{tiny_model_dir.name}_files_seed0"
     records = [json.loads(line) for line in (run_dir / "examples_cycle_1.jsonl").read_text().splitlines()]
     assert {r["task"].split(" in ")[0] for r in records} <= {"List the files", "Count the lines of every file"}
-
-
-def load_tiny(tiny_model_dir, *extra):
-    """In float32: the equality checks below compare two code paths, and in bf16 the rounding
-    of a row depends on the shape of its batch."""
-    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--precision", "fp32", *extra])
-    return support.model.load_language_model(cfg)
-
-
-def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
-    """Greedy continuations from the project's decoder equal transformers' own generate on the
-    same left-padded batch, and each prompt's copies share its prefill exactly."""
-    lm = load_tiny(tiny_model_dir)
-    tok = lm.tokenizer
-    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(0), distinct=True)
-    prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
-    ours, generated, _ = support.decoder.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
-                                                      line_done=None, generator=None)
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
-    with torch.inference_mode():
-        theirs = lm.model.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
-    theirs = theirs[:, batch["input_ids"].shape[1]:].tolist()
-    assert [ours[2 * i] for i in range(5)] == theirs
-    assert [ours[2 * i + 1] for i in range(5)] == theirs
-    assert generated == 10 * 7
 
 
 def test_training_leaves_the_model_as_generation_expects_it(tiny_model_dir):

@@ -5,8 +5,8 @@ import random
 import pytest
 
 import intrinsic_self_improvement as isi
+from support import health
 import support
-import support.decoder
 import support.model
 import support.reports
 import support.tasks
@@ -149,25 +149,18 @@ def test_stage_seed_differs_by_stage_and_is_stable():
     assert len({isi.stage_seed(0, "batch", 1), isi.stage_seed(0, "batch", 2), isi.stage_seed(1, "batch", 1)}) == 3
 
 
-@pytest.mark.parametrize("sequences, length", [
-    ([[1, 2, 3], [1, 2, 4], [1, 2]], 2), ([[1, 2], [1, 2]], 2), ([[5], [6]], 0), ([[1, 2, 3]], 3), ([[], [1]], 0),
-])
-def test_shared_prefix_length(sequences, length):
-    assert support.decoder.shared_prefix_length(sequences) == length
-
-
 def test_distinct_n_known_values():
     commands = [["nmap", "-p", "22"], ["nmap", "-p", "80"]]
-    assert isi.distinct_n(commands, 1) == pytest.approx(4 / 6)
-    assert isi.distinct_n(commands, 2) == pytest.approx(3 / 4)
-    assert isi.distinct_n([], 1) == 0.0 and isi.distinct_n([["ls"]], 2) == 0.0
+    assert health.distinct_n(commands, 1) == pytest.approx(4 / 6)
+    assert health.distinct_n(commands, 2) == pytest.approx(3 / 4)
+    assert health.distinct_n([], 1) == 0.0 and health.distinct_n([["ls"]], 2) == 0.0
 
 
 def test_copy_rate_counts_tokens_found_in_the_task():
     task = "Scan ports 22,80 on 10.0.0.1."
-    assert isi.copy_rate(task, "nmap -p 22,80 10.0.0.1") == pytest.approx(2 / 4)
-    assert isi.copy_rate(task, "Scan ports 22,80 on 10.0.0.1") == pytest.approx(1.0)
-    assert isi.copy_rate(task, "") == 0.0
+    assert health.copy_rate(task, "nmap -p 22,80 10.0.0.1") == pytest.approx(2 / 4)
+    assert health.copy_rate(task, "Scan ports 22,80 on 10.0.0.1") == pytest.approx(1.0)
+    assert health.copy_rate(task, "") == 0.0
 
 
 def record(task, command, usable=True, score=0.0, accepted=False):
@@ -177,17 +170,18 @@ def record(task, command, usable=True, score=0.0, accepted=False):
 def test_generation_health():
     records = [record("t1", "ls -la"), record("t1", "ls -la"), record("t1", "ls"),
                record("t2", "ls -la"), record("t2", "", usable=False)]
-    health = isi.generation_health(records)
-    assert health["duplicate_rate"] == pytest.approx(2 / 4)  # the two 'ls -la' of t1; t2's is not a duplicate
-    assert health["mean_command_tokens"] == pytest.approx((2 + 2 + 1 + 2) / 4)
-    assert health["distinct_1"] == pytest.approx(2 / 7, abs=1e-4)  # rounded to 4 places
+    measured = health.generation_health(records)
+    assert measured["duplicate_rate"] == pytest.approx(2 / 4)  # the two 'ls -la' of t1; t2's is not a duplicate
+    assert measured["mean_command_tokens"] == pytest.approx((2 + 2 + 1 + 2) / 4)
+    assert measured["distinct_1"] == pytest.approx(2 / 7, abs=1e-4)  # rounded to 4 places
 
 
 def test_select_for_training_modes():
-    records = [record("t", f"cmd{i}", accepted=i in (1, 4)) for i in range(6)] + [record("t", "", usable=False)]
-    assert isi.select_for_training(records, "threshold", "inversion", random.Random(0), copies=1, threshold=0.5, floor=0.5) == [1, 4]
-    assert isi.select_for_training(records, "all", "inversion", random.Random(0), copies=1, threshold=0.5, floor=0.5) == [0, 1, 2, 3, 4, 5]
-    picks = {tuple(isi.select_for_training(records, "random", "inversion", random.Random(seed), copies=1, threshold=0.5, floor=0.5)) for seed in range(20)}
+    records = [record("t", f"cmd{i}", score=0.9 if i in (1, 4) else 0.1, accepted=i in (1, 4)) for i in range(6)] + [
+        record("t", "", usable=False)]
+    assert isi.select_for_training(records, "threshold", isi.resolve_signal("inversion"), random.Random(0), copies=1, threshold=0.5, floor=0.5) == [1, 4]
+    assert isi.select_for_training(records, "all", isi.resolve_signal("inversion"), random.Random(0), copies=1, threshold=0.5, floor=0.5) == [0, 1, 2, 3, 4, 5]
+    picks = {tuple(isi.select_for_training(records, "random", isi.resolve_signal("inversion"), random.Random(seed), copies=1, threshold=0.5, floor=0.5)) for seed in range(20)}
     assert all(len(p) == 2 and 6 not in p for p in picks) and len(picks) > 1
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import figures, one_line_error, read_progress, refuse_model_loading, sandbox_unavailable, tiny_args
 
 import intrinsic_self_improvement as isi
+from support import health
 import support
 import support.model
 import support.tasks
@@ -76,9 +77,9 @@ def test_agreement_group_known_answers(runs, kept):
 
 def test_selection_per_signal():
     flags = [(True, True, False), (True, False, False), (False, True, True), (False, False, False), (True, True, True)]
-    records = [{"command": "c", "accepted": a, "passed": p, "agreed": g} for a, p, g in flags]
+    records = [{"command": "c", "score": 0.9 if a else 0.1, "accepted": a, "passed": p, "agreed": g} for a, p, g in flags]
     pick = lambda signal, mode="threshold": isi.select_for_training(  # noqa: E731
-        records, mode, signal, random.Random(0), copies=1, threshold=0.5, floor=4 / 6)
+        records, mode, isi.resolve_signal(signal), random.Random(0), copies=1, threshold=0.5, floor=4 / 6)
     assert pick("inversion") == [0, 1, 4]
     assert pick("execution") == [0, 2, 4]
     assert pick("agreement") == [2, 4]
@@ -108,18 +109,37 @@ LADDER_TASKS = [
     ("likelihood", 0.0, [2, 4, 8]),
 ])
 def test_selection_of_the_ranking_signals(signal, threshold, kept):
-    assert isi.select_for_training(LADDER_TASKS, "threshold", signal, random.Random(0), copies=3,
+    assert isi.select_for_training(LADDER_TASKS, "threshold", isi.resolve_signal(signal), random.Random(0), copies=3,
                                    threshold=threshold, floor=4 / 6) == kept
+
+
+@pytest.mark.parametrize("rule, values, kept", [
+    ("threshold", [0.4, 0.5, None], [False, True, False]),
+    ("passes", [1, 0, None], [True, False, False]),
+    ("passes", [True, False], [True, False]),
+    ("ladder", [4 / 6, 0.5, 1.0], [False, False, True]),  # the top rung only
+    ("ladder", [4 / 6, 0.5, 4 / 6], [True, False, True]),  # on the floor: kept, every one on it
+    ("ladder", [0.5, 0.5], [False, False]),  # below the floor: starved
+    ("group", [2, 2, 1, 0], [True, True, False, False]),
+    ("group", [1, 1, 0], [False, False, False]),  # no group of two: starved
+    ("rank", [None, -3.0, -1.0], [False, False, True]),
+    ("rank", [-1.0, -3.0, -1.0], [True, False, False]),  # a tie: the first
+    ("rank", [None, None], [False, False]),
+    ("rank_at_threshold", [0.2, 0.7, 0.6], [False, True, False]),
+    ("rank_at_threshold", [0.2, 0.4, None], [False, False, False]),  # the best is below the threshold
+])
+def test_each_rule_keeps_a_tasks_candidates(rule, values, kept):
+    assert isi.kept_in_task(rule, values, threshold=0.5, floor=isi.ladder_floor(True)) == kept
 
 
 def test_a_task_without_a_command_gives_likelihood_nothing():
     records = [candidate(usable=False), candidate(usable=False)]
-    assert isi.kept_by_signal(records, "likelihood", 2, 0.0, 4 / 6) == []
+    assert isi.kept_by_signal(records, *isi.resolve_signal("likelihood"), 2, 0.0, 4 / 6) == []
 
 
-def test_the_ladder_in_the_loop_matches_the_audits(sandbox):
+def test_execute_commands_gives_every_candidate_its_ladder(sandbox):
     """execute_commands gives every candidate its ladder: the levels of known commands, each
-    failing at one level, and the value the audit computes from them."""
+    failing at one level, and its value."""
     commands = ["ls /testbed", "echo 'unterminated", "nosuchprogram x", "grep zzz /testbed/textfile7.txt",
                 "grep -Q x /testbed/textfile7.txt", "true", "# comment"]
     records = [{"task": "t", "tool": None, "command": c, "usable": isi.is_usable_command(c)} for c in commands]
@@ -134,22 +154,22 @@ def test_the_ladder_in_the_loop_matches_the_audits(sandbox):
     assert rows[4]["ladder_levels"]["no_usage_error"] == 0
 
 
-@pytest.mark.parametrize("health, reasons", [
+@pytest.mark.parametrize("measured, reasons", [
     ({"restate_rate": 0.1, "no_command_rate": 0.3, "distinct_2": 0.8}, []),  # the untrained model's batches
     ({"restate_rate": 0.93, "no_command_rate": 0.0, "distinct_2": 0.6}, ["restate_rate 0.93 >= 0.5"]),
     ({"restate_rate": 0.0, "no_command_rate": 0.0, "distinct_2": 0.41}, ["distinct_2 0.41 < 0.5"]),
     ({"restate_rate": 0.0, "no_command_rate": 0.7, "distinct_2": 0.8}, ["no_command_rate 0.70 >= 0.6"]),
 ])
-def test_collapse_reasons_known_answers(health, reasons):
-    assert isi.collapse_reasons(health) == reasons
+def test_collapse_reasons_known_answers(measured, reasons):
+    assert health.collapse_reasons(measured) == reasons
 
 
 def test_restated_tasks_are_told_from_commands():
     task = "Scan ports 8080,8443 on 10.0.0.1"
-    assert isi.restates_task(task, "You can use the nmap command to scan ports 8080,8443 on 10.0.0.1")
-    assert not isi.restates_task(task, "nmap -p 8080,8443 10.0.0.1")
-    assert not isi.restates_task(task, "You can use the following command")  # prose, but not about the task
-    assert not isi.restates_task("List the files in /testbed", "ls -la /testbed")
+    assert health.restates_task(task, "You can use the nmap command to scan ports 8080,8443 on 10.0.0.1")
+    assert not health.restates_task(task, "nmap -p 8080,8443 10.0.0.1")
+    assert not health.restates_task(task, "You can use the following command")  # prose, but not about the task
+    assert not health.restates_task("List the files in /testbed", "ls -la /testbed")
 
 
 def test_health_of_constructed_batches():
@@ -165,9 +185,9 @@ def test_health_of_constructed_batches():
     healthy = batch(lambda t, j, k: ways[k][j] + " " + t.split()[-1])
     restated = batch(lambda t, j, k: f"You can use the wc command to count the lines of {t.split()[-1]}")
     repeated = batch(lambda t, j, k: "ls " + t.split()[-1])
-    assert isi.collapse_reasons(isi.generation_health(healthy)) == []
-    assert isi.collapse_reasons(isi.generation_health(restated))[0].startswith("restate_rate 1.00")
-    assert isi.collapse_reasons(isi.generation_health(repeated))[0].startswith("distinct_2 0.33")
+    assert health.collapse_reasons(health.generation_health(healthy)) == []
+    assert health.collapse_reasons(health.generation_health(restated))[0].startswith("restate_rate 1.00")
+    assert health.collapse_reasons(health.generation_health(repeated))[0].startswith("distinct_2 0.33")
 
 
 @pytest.mark.parametrize("signal, before, after, marked", [

@@ -1,0 +1,197 @@
+"""The batched decoder (support/decoder.py): its pure parts (shared_prefix_length, compacted,
+next_batch, pick_tokens with a temperature per row), its KV cache (rows dropped, room kept), and
+on a tiny random model its generation: equal to transformers' generate, compaction and greedy
+prompts riding in a sampled batch leaving every row's draws as they were, an out-of-memory batch
+halved and retried; on the embedded model (slow), batched greedy commands equal to one-by-one
+generate."""
+import random
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load_tiny
+
+import intrinsic_self_improvement as isi
+import support.decoder
+import support.model
+import support.tasks
+from support import UsageError
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_cycle  # noqa: E402
+
+
+@pytest.mark.parametrize("sequences, length", [
+    ([[1, 2, 3], [1, 2, 4], [1, 2]], 2), ([[1, 2], [1, 2]], 2), ([[5], [6]], 0), ([[1, 2, 3]], 3), ([[], [1]], 0),
+])
+def test_shared_prefix_length(sequences, length):
+    assert support.decoder.shared_prefix_length(sequences) == length
+
+
+def test_compacted_moves_only_the_last_kept_rows_into_the_finished_ones():
+    assert support.decoder.compacted([0, 2, 5, 6]) == ([0, 5, 2, 6], [1, 3], [5, 6])
+    assert support.decoder.compacted([0, 1, 2]) == ([0, 1, 2], [], [])  # the finished ones were last
+    assert support.decoder.compacted([4]) == ([4], [0], [4])
+    assert support.decoder.compacted([]) == ([], [], [])
+
+
+def test_dropping_rows_keeps_each_rows_cache_and_room():
+    """After rows leave, each kept row's keys and values are its own, at its new position, and a
+    later token is written in place (the spare room is kept)."""
+    cache = support.decoder.decode_cache(room=3)
+    keys, values = torch.randn(7, 2, 5, 4), torch.randn(7, 2, 5, 4)
+    cache.update(keys, values, 0)
+    layer = cache.layers[0]
+    order, holes, movers = support.decoder.compacted([0, 2, 5, 6])
+    layer.drop_rows(torch.tensor(holes), torch.tensor(movers), 4)
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    before = layer.buffers[0].data_ptr()
+    step = torch.randn(4, 2, 1, 4)
+    cache.update(step, step, 0)
+    assert layer.buffers[0].data_ptr() == before and torch.equal(layer.keys[:, :, 5:], step)
+    assert torch.equal(layer.keys[:, :, :5], keys[order])
+
+
+def test_sampled_rows_draw_as_if_none_had_moved(tiny_model_dir, monkeypatch):
+    """Compaction moves rows in the batch; each row still takes its random draws in row order, so
+    sampled texts equal those of compacting in order (the rows' own order kept, every later row
+    copied), as the decoder did before."""
+    import dataclasses
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    lm = dataclasses.replace(lm, stop_ids=frozenset(range(0, len(lm.tokenizer), 5)))  # rows stop at varied steps
+    prompts = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task(f"list /tmp/{k}"))) for k in range(6)]
+
+    def sampled():
+        return support.decoder.decode(lm, prompts, copies=3, temperature=0.9, max_new_tokens=12, batch_size=18,
+                                      seed=3, desc="t").texts
+    real, moved = support.decoder.compacted, []
+
+    def watched(keep):
+        moved.append(bool(real(keep)[1]))
+        return real(keep)
+
+    def in_order(keep):  # every kept row to its rank: the rows' order never changes
+        holes = [k for k, slot in enumerate(keep) if slot != k]
+        return list(keep), holes, [keep[k] for k in holes]
+    monkeypatch.setattr(support.decoder, "compacted", watched)
+    texts = sampled()
+    monkeypatch.setattr(support.decoder, "compacted", in_order)
+    assert texts == sampled() and any(moved)
+    assert len({len(text) for text in texts}) > 3
+
+
+def test_greedy_prompts_ride_in_a_sampled_batch(tiny_model_dir, monkeypatch):
+    """Greedy prompts decoded in the same batch as sampled ones (per-prompt copies and
+    temperature, as the probe rides in the fresh batch) give what each kind gives alone: the
+    greedy rows draw no random numbers, so the sampled rows draw what they drew alone. One batch,
+    not two."""
+    import dataclasses
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    lm = dataclasses.replace(lm, stop_ids=frozenset(range(0, len(lm.tokenizer), 5)))  # rows stop at varied steps
+    ids = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task("list " + "/tmp/x " * k))) for k in range(1, 9)]
+    sampled, greedy = ids[::2], ids[1::2]  # of every length, so they interleave when sorted
+    settings = dict(max_new_tokens=12, batch_size=16, seed=3, desc="t")
+    alone = (support.decoder.decode(lm, sampled, copies=3, temperature=0.9, **settings).texts
+             + support.decoder.decode(lm, greedy, copies=1, temperature=0, **settings).texts)
+    real, batches = support.decoder.decode_batch, []
+
+    def watched(lm, prompts, **kwargs):
+        batches.append(kwargs["copies"])
+        return real(lm, prompts, **kwargs)
+    monkeypatch.setattr(support.decoder, "decode_batch", watched)
+    together = support.decoder.decode(lm, sampled + greedy, copies=[3] * 4 + [1] * 4,
+                                      temperature=[0.9] * 4 + [0] * 4, **settings).texts
+    assert together == alone
+    assert sorted(batches[0]) == [1] * 4 + [3] * 4 and len(batches) == 1
+    assert len(set(alone[:12])) > 6 and len({len(text) for text in alone}) > 3  # sampled, stopped at varied steps
+
+
+def test_per_row_temperature_draws_as_one_temperature(tiny_model_dir):
+    """pick_tokens with a temperature per row: all rows at one temperature take the very tokens
+    of the one temperature (compaction's draw order too); rows at 0 take the argmax."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0))
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    for draw_order in (None, order):
+        one = support.decoder.pick_tokens(logits, 0.8, torch.Generator().manual_seed(1), order=draw_order)
+        each = support.decoder.pick_tokens(logits, torch.full((6,), 0.8), torch.Generator().manual_seed(1),
+                                           order=draw_order)
+        assert torch.equal(one, each)
+    mixed = torch.tensor([0.8, 0.0, 0.8, 0.0, 0.8, 0.8])
+    picked = support.decoder.pick_tokens(logits, mixed, torch.Generator().manual_seed(1))
+    sampled_alone = support.decoder.pick_tokens(logits[mixed > 0], 0.8, torch.Generator().manual_seed(1))
+    assert torch.equal(picked[mixed == 0], logits[mixed == 0].argmax(-1))
+    assert torch.equal(picked[mixed > 0], sampled_alone)
+
+
+def test_batches_hold_whole_prompts_up_to_the_budget():
+    assert support.decoder.next_batch([3] * 50 + [1] * 20, 176) == 70  # the published 50 x 3 and 20 probe tasks
+    assert support.decoder.next_batch([3] * 50 + [1] * 20, 160) == 60  # the last 10 probe tasks wait
+    assert support.decoder.next_batch([3, 3, 1, 3], 6) == 2
+    assert support.decoder.next_batch([3, 1, 1, 3], 6) == 3
+    assert support.decoder.next_batch([16, 1], 8) == 1  # a prompt's copies are never split
+
+
+def test_batched_decoder_matches_transformers_generate(tiny_model_dir):
+    """Greedy continuations from the project's decoder equal transformers' own generate on the
+    same left-padded batch, and each prompt's copies share its prefill exactly."""
+    lm = load_tiny(tiny_model_dir)
+    tok = lm.tokenizer
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 5, random.Random(0), distinct=True)
+    prompts = [isi.prompt_ids(tok, isi.command_request(t)) for t in tasks]
+    ours, generated, _ = support.decoder.decode_batch(lm, prompts, copies=2, temperature=0, max_new_tokens=7,
+                                                      line_done=None, generator=None)
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.inference_mode():
+        theirs = lm.model.generate(**batch, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+    theirs = theirs[:, batch["input_ids"].shape[1]:].tolist()
+    assert [ours[2 * i] for i in range(5)] == theirs
+    assert [ours[2 * i + 1] for i in range(5)] == theirs
+    assert generated == 10 * 7
+
+
+def failing_above(rows: int, real):
+    """decode_batch that runs out of memory above `rows` sequences, as CUDA would."""
+    calls = []
+
+    def decode_batch(lm, prompts, *, copies, **kwargs):
+        calls.append(sum(copies))
+        if sum(copies) > rows:
+            torch.zeros(1)  # the failed batch's work
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(lm, prompts, copies=copies, **kwargs)
+    return decode_batch, calls
+
+
+def test_out_of_memory_in_generation_halves_the_batch_and_goes_on(tiny_model_dir, monkeypatch, capsys):
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"])
+    lm = support.model.load_language_model(cfg)
+    requests = [isi.command_request(isi.Task(f"list the files in /tmp/{k}")) for k in range(5)]
+    settings = dict(copies=2, temperature=0, max_new_tokens=4, stop_at_line=False, seed=0, desc="generate")
+    expected = isi.generate(lm, requests, batch_size=4, **settings).texts  # the batches the retry makes
+    fake, calls = failing_above(4, support.decoder.decode_batch)
+    monkeypatch.setattr(support.decoder, "decode_batch", fake)
+    assert isi.generate(lm, requests, batch_size=10, **settings).texts == expected
+    assert calls == [10, 4, 4, 2]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: out of memory")]
+    assert notes == ["note: out of memory in generate at 10 sequences a batch; retrying at 4 "
+                     "(--gen-batch-size sets the start)"]
+    fake, calls = failing_above(1, support.decoder.decode_batch)
+    monkeypatch.setattr(support.decoder, "decode_batch", fake)
+    with pytest.raises(UsageError, match="single prompt's 2 sequence.*lower --candidates"):
+        isi.generate(lm, requests, batch_size=10, **settings)
+
+
+@pytest.mark.slow
+def test_batched_greedy_commands_equal_one_by_one_generate_on_the_embedded_model():
+    """The project's batched decoder (shared prefix, copies, early stop) writes the same greedy
+    commands as one plain `generate` call per task, so it accepts the same examples. In float32,
+    where a row's arithmetic does not depend on its batch."""
+    cfg = isi.parse_config(["--precision", "fp32"])
+    lm = support.model.load_language_model(cfg)
+    tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 10, random.Random(5), distinct=True)
+    batched = isi.generate_commands(lm, cfg, tasks, copies=1, greedy=True, seed=0, label="t").records
+    reference, _ = bench_cycle.generate_one_by_one(lm, [isi.command_request(t) for t in tasks],
+                                                   cfg.max_command_tokens, 0, 0)
+    same = sum(r["command"] == isi.extract_command(text) for r, text in zip(batched, reference))
+    assert same >= 9, [(r["command"], isi.extract_command(t)) for r, t in zip(batched, reference)]
