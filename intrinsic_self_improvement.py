@@ -40,6 +40,7 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -1192,11 +1193,11 @@ def plugin_values(signal: Signal, records: list[dict], where: str) -> list[dict]
         raise UsageError(f"signal {signal.name} {where}: returned {len(values)} values for "
                          f"{len(records)} candidates")
     for v in values:
-        if v is not None and (isinstance(v, (str, bytes)) or not isinstance(v, (int, float))
-                              or not math.isfinite(v)):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
             raise UsageError(f"signal {signal.name} {where}: returned {v!r}; each value must be a finite "
                              f"number or None")
-    return [r | {signal.name: v} for r, v in zip(records, values)]
+    return [r | {signal.name: v if v is None or isinstance(v, (bool, int)) else float(v)}
+            for r, v in zip(records, values)]
 
 
 def select_for_training(records: list[dict], mode: str, signal: tuple, rng: random.Random, *,
