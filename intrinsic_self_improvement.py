@@ -40,7 +40,6 @@ import functools
 import hashlib
 import json
 import math
-import numbers
 import os
 import random
 import re
@@ -49,20 +48,21 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from collections.abc import Callable
 
 from support import UsageError, nl2bash
 from support.bash_structure import command_structure
+from support.cli import OneLineParser, add_config_flags, check_model_source, compare, eval_groups, HUB_ID
 from support.decoder import answer_logprobs, decode, one_each, per_row
 from support.health import collapse_reasons, generation_health, words
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
-from support.reports import (compare_runs, duration, log_stage, log_training, plot_progress,
+from support.plugins import checked_values, load_function
+from support.reports import (log_cycle_end, log_done, log_stage, log_training, record_cycle,
                              score_correlations, write_results)
 from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint, prepare_run_directory,
-                                   resumed_history, save_checkpoint, write_json, write_jsonl)
+                                   resumed_history, save_checkpoint, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
 from support import shellcheck
 from support.tasks import SLOT_PATTERN, TABLE_FORMATS, environment_script, load_domain
@@ -196,16 +196,7 @@ RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_ma
                    "score_all"}
 # what a run made before a setting existed ran with: its default
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or owner/name
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message):
-        # every process of a team meets the same bad flag; the main one says so
-        main = os.environ.get("RANK", "0") == "0"
-        self.exit(2, f"error: {message} (see --help)\n" if main else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,22 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         "side by side, a table and one plot (see 'compare --help'); 'intrinsic_self_improvement.py "
         "audit' scores every label-free signal against execution truth on NL2Bash (see 'audit --help').",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    add_config_flags(parser, [f.name for f in dataclasses.fields(Config)])
+    add_config_flags(parser, Config, [f.name for f in dataclasses.fields(Config)])
     return parser
-
-
-def add_config_flags(parser: argparse.ArgumentParser, names: list[str], defaults: dict = {}) -> None:
-    """One flag per named Config field, with its help, choices and default (or `defaults`')."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for name in names:
-        f, flag = fields[name], "--" + name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        kind = {int: int, float: float}.get(f.type, str)
-        parser.add_argument(flag, type=kind, default=defaults.get(name, f.default),
-                            help=f.metadata["help"], choices=f.metadata.get("choices"),
-                            metavar=None if "choices" in f.metadata else name.upper())
 
 
 def validate(cfg: Config) -> Config:
@@ -273,34 +250,6 @@ def validate(cfg: Config) -> Config:
     if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in {".", ".."}):
         raise UsageError(f"--name must be a plain folder name, got {cfg.name!r}")
     return cfg
-
-
-def eval_groups(cfg: Config) -> tuple[int, ...]:
-    """--eval-fs as numbers, e.g. "3,4,5" -> (3, 4, 5)."""
-    try:
-        groups = tuple(sorted({int(part) for part in cfg.eval_fs.split(",")}))
-    except ValueError:
-        groups = ()
-    if not groups or not all(1 <= g <= 5 for g in groups):
-        raise UsageError(
-            f"--eval-fs must be file-system numbers from 1 to 5, comma-separated, got {cfg.eval_fs!r}"
-        )
-    return groups
-
-
-def check_model_source(value: str, flag: str) -> None:
-    """A local folder must hold a model (config.json); anything else must read as a hub id, which
-    only loading can check (the hub may be unreachable)."""
-    if not value.strip():
-        raise UsageError(f"{flag} must not be empty")
-    path = Path(value)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{flag} {value}: the folder holds no model (no config.json)")
-    elif path.exists():
-        raise UsageError(f"{flag} {value}: a file; give the model's folder or a hub id")
-    elif not HUB_ID.fullmatch(value) or ".." in value:
-        raise UsageError(f"{flag} {value}: no such folder")
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -1066,36 +1015,14 @@ RECORD_FIELDS = frozenset({
 
 
 def load_plugin(spec: str, flag: str = "--signal") -> Signal:
-    """A signal written in a file of one's own, `path/to/file.py:NAME`: a function of the candidates
-    (dicts with at least task and command) returning one number or None each; NAME.needs (a set of
-    NEEDS) and NAME.rule (one of RULES, 'rank' by default) where it says so. One-line errors."""
-    import importlib.util
-    path, _, name = spec.rpartition(":")
-    if not path or not name.isidentifier():
-        raise UsageError(f"{flag} {spec}: choose from {', '.join(LOOP_SIGNALS)}, or give a signal from a "
-                         f"file as path/to/file.py:NAME")
-    if not Path(path).is_file():
-        raise UsageError(f"{flag} {spec}: no such file: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"signal_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's file: whatever it raises is reported in one line
-        raise UsageError(f"{flag} {spec}: loading {path} raised {type(err).__name__}: {err}") from None
-    function = getattr(module, name, None)
-    if function is None:
-        raise UsageError(f"{flag} {spec}: {path} defines no {name}")
-    if not callable(function):
-        raise UsageError(f"{flag} {spec}: {name} in {path} is not callable")
-    needs, rule = getattr(function, "needs", set()), getattr(function, "rule", "rank")
-    if isinstance(needs, str) or not set(needs) <= set(NEEDS):
-        raise UsageError(f"{flag} {spec}: {name}.needs must be a set of {', '.join(NEEDS)}; got {needs!r}")
-    if rule not in RULES:
-        raise UsageError(f"{flag} {spec}: {name}.rule {rule!r} is none of {', '.join(RULES)}")
-    if name in RECORD_FIELDS or name in SIGNALS or name.endswith("_itemfs") or name.startswith("inversion_"):
-        raise UsageError(f"{flag} {spec}: {name} is the name of a built-in signal or field; rename the function")
-    return Signal(name, frozenset(needs), lambda r: r.get(name), rule, f"your signal {spec}",
-                  summary=f"mean_{name}", cost=(name,), compute=function)
+    """A signal written in a file of one's own, `path/to/file.py:NAME` (support/plugins.py loads and
+    checks it): its value is recorded on every candidate under its name."""
+    name, function, needs, rule = load_function(
+        spec, flag, needs=NEEDS, rules=RULES, default_rule="rank",
+        taken=lambda n: n in RECORD_FIELDS or n in SIGNALS or n.endswith("_itemfs") or n.startswith("inversion_"),
+        choices=f"choose from {', '.join(LOOP_SIGNALS)}, or give a signal from a file as path/to/file.py:NAME")
+    return Signal(name, needs, lambda r: r.get(name), rule, f"your signal {spec}", summary=f"mean_{name}",
+                  cost=(name,), compute=function)
 
 
 @functools.cache
@@ -1182,22 +1109,11 @@ def kept_by_signal(records: list[dict], first: Signal, second: Signal | None, co
 
 
 def plugin_values(signal: Signal, records: list[dict], where: str) -> list[dict]:
-    """A plug-in's value recorded on every candidate (under its name); a one-line error naming the
-    signal and `where` when it raises or returns anything but one number or None per candidate."""
-    candidates = [r | {"command": r["command"] if r["usable"] else None} for r in records]
-    try:
-        values = list(signal.compute(candidates))
-    except Exception as err:  # the user's function: whatever it raises is reported in one line
-        raise UsageError(f"signal {signal.name} {where}: raised {type(err).__name__}: {err}") from None
-    if len(values) != len(records):
-        raise UsageError(f"signal {signal.name} {where}: returned {len(values)} values for "
-                         f"{len(records)} candidates")
-    for v in values:
-        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
-            raise UsageError(f"signal {signal.name} {where}: returned {v!r}; each value must be a finite "
-                             f"number or None")
-    return [r | {signal.name: v if v is None or isinstance(v, (bool, int)) else float(v)}
-            for r, v in zip(records, values)]
+    """A signal of one's own computed on candidates (a command that is not usable given as None)
+    and recorded on each under its name; a one-line error naming it and `where` when it fails."""
+    values = checked_values(signal.name, signal.compute,
+                            [r | {"command": r["command"] if r["usable"] else None} for r in records], where)
+    return [r | {signal.name: v} for r, v in zip(records, values)]
 
 
 def select_for_training(records: list[dict], mode: str, signal: tuple, rng: random.Random, *,
@@ -1497,6 +1413,21 @@ def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Pa
     return history
 
 
+def start_or_resume(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Path, saved: dict | None,
+                    domain: dict, probe_tasks: list[Task], eval_items) -> tuple[dict, Stage, list[dict], int]:
+    """The history, the batch the next cycle trains on, the pool of selected pairs, and that
+    cycle's number: a new run's cycle 0 (the untrained model's first batch, probe and evaluation),
+    or what a resumed run's last checkpoint holds."""
+    if saved is None:
+        print("cycle 0 (before any training)", flush=True)
+        pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks)
+        return start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, eval_items), pending, [], 1
+    last = saved["last_completed_cycle"]
+    records, timing, pool = load_checkpoint(lm, run_dir, last)
+    print(f"resuming {run_dir} after cycle {last}", flush=True)
+    return resumed_history(saved, compute_record(lm), lm.team.size), Stage(records, timing), pool, last + 1
+
+
 def cycle_examples(before: list[dict], chosen: set, after: list[dict],
                    probe: list[dict]) -> list[dict]:
     """examples_cycle_N.jsonl: every candidate of the cycle, marked with its stage (and, in the
@@ -1525,24 +1456,15 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
                              distinct=True)
     # the other processes learn whether the main one could write the run directory
-    last_completed = saved["last_completed_cycle"] if saved else -1
-    team.together(lambda: prepare_run_directory(run_dir, last_completed) if team.main else None)
+    team.together(lambda: prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
+                  if team.main else None)
     eval_items = evaluation_items(cfg)
-    floor = ladder_floor(shellcheck.shellcheck_available())
+    signal, floor = resolve_signal(cfg.signal), ladder_floor(shellcheck.shellcheck_available())
     started = time.perf_counter()
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
-    if saved is None:
-        print("cycle 0 (before any training)", flush=True)
-        pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks)
-        history = start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, eval_items)
-        pool, first_cycle = [], 1
-    else:
-        history = resumed_history(saved, compute_record(lm), team.size)
-        first_cycle = saved["last_completed_cycle"] + 1
-        records, timing, pool = load_checkpoint(lm, run_dir, first_cycle - 1)
-        pending = Stage(records, timing)
-        print(f"resuming {run_dir} after cycle {first_cycle - 1}", flush=True)
+    history, pending, pool, first_cycle = start_or_resume(lm, embedder, sandbox, cfg, run_dir, saved, domain,
+                                                          probe_tasks, eval_items)
 
     # The loop is pipelined: the batch a cycle trains on was generated, inverted and scored at the
     # end of the cycle before, by the model as it was then (cycle 1's, by the untrained model).
@@ -1552,14 +1474,13 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         cycle_start = time.perf_counter()
         print(f"cycle {cycle}/{cfg.cycles}", flush=True)
         before_stage = pending
-        before = summarize(before_stage.records, cfg.scorer, plugins_of(*resolve_signal(cfg.signal)))
+        before = summarize(before_stage.records, cfg.scorer, plugins_of(*signal))
         log_stage("before", before_stage, before)
 
         # SELECT: the candidates the signal keeps, from the batch generated last cycle
-        chosen = select_for_training(before_stage.records, cfg.select, resolve_signal(cfg.signal),
+        chosen = select_for_training(before_stage.records, cfg.select, signal,
                                      random.Random(stage_seed(cfg.seed, "select", cycle)),
-                                     copies=cfg.candidates, threshold=cfg.threshold,
-                                     floor=floor)
+                                     copies=cfg.candidates, threshold=cfg.threshold, floor=floor)
         selected = [{k: before_stage.records[i][k] for k in ("task", "tool", "command")} for i in chosen]
         pool = pool + selected if cfg.data == "cumulative" or cfg.train_from == "base" else selected
 
@@ -1571,10 +1492,10 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
             lm, cfg, pairs, seed=stage_seed(cfg.seed, "train", cycle))
         log_training(training)
 
-        # GENERATE, INVERT, SCORE fresh tasks with the trained model: this cycle's "after"
-        # (the fixed probe tasks ride along, greedy)
+        # GENERATE, INVERT, SCORE fresh tasks with the trained model, and their signals: this
+        # cycle's "after" (the fixed probe tasks ride along, greedy)
         after_stage, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_tasks)
-        after = summarize(after_stage.records, cfg.scorer, plugins_of(*resolve_signal(cfg.signal)))
+        after = summarize(after_stage.records, cfg.scorer, plugins_of(*signal))
         log_stage("after", after_stage, after)
 
         # PROBE and EVALUATE: the fixed probe tasks, greedy; NL2Bash, executed
@@ -1585,54 +1506,27 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
             if team.main:
                 write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
 
-        # SAVE: the cycle's examples and checkpoint, its figures, the plot, and progress.json last
-        # (it marks the cycle as done)
+        # SAVE: the cycle's examples and checkpoint, then its figures (progress.json last marks it done)
         if team.main:
             examples = cycle_examples(before_stage.records, set(chosen), after_stage.records, probe_records)
             write_jsonl(run_dir / f"examples_cycle_{cycle}.jsonl", examples)
             save_checkpoint(lm, run_dir, cycle, after_stage, pool)
         previous_probe = history["cycles"][-1]["probe"] if history["cycles"] else history["probe_initial"]
-        collapse = collapse_reasons(after["health"])
-        history["cycles"].append({
-            "cycle": cycle, "before": before, "after": after,
-            "improvement": round(after["mean_score"] - before["mean_score"], 4),
-            "probe": probe_summary, "training": training, "eval": evaluation,
-            "collapse": collapse,
-            "signal_up_execution_down": signal_up_execution_down(cfg.signal, previous_probe, probe_summary),
-            "timing": {"before": before_stage.timing, "after": after_stage.timing,
-                       "cycle_s": round(time.perf_counter() - cycle_start, 3)},
-        })
-        history["total_generated"] += before["total_generated"]
-        history["total_accepted"] += before["accepted"]
-        history["compute"]["processes"].append(team.size)
-        progress = {"last_completed_cycle": cycle, "timestamp": datetime.now(timezone.utc).isoformat(),
-                    "history": history}
-        if team.main:
-            plot_progress(history, run_dir / "progress.png")
-            write_json(run_dir / "progress.json", progress)
+        entry = {"cycle": cycle, "before": before, "after": after,
+                 "improvement": round(after["mean_score"] - before["mean_score"], 4),
+                 "probe": probe_summary, "training": training, "eval": evaluation,
+                 "collapse": collapse_reasons(after["health"]),
+                 "signal_up_execution_down": signal_up_execution_down(cfg.signal, previous_probe, probe_summary),
+                 "timing": {"before": before_stage.timing, "after": after_stage.timing,
+                            "cycle_s": round(time.perf_counter() - cycle_start, 3)}}
+        progress = record_cycle(run_dir, history, entry, team.size, team.main)
         pending = after_stage
-        cycle_s, left = time.perf_counter() - cycle_start, cfg.cycles - cycle
-        if history["cycles"][-1]["signal_up_execution_down"]:
-            print(f"  warning: the probe's {cfg.signal} score rose while its execution pass rate fell",
-                  flush=True)
-        if collapse:
-            print(f"  the fresh batch has collapsed: {', '.join(collapse)}", flush=True)
-        if collapse and cfg.stop_on_collapse and left:
-            print(f"stopped after cycle {cycle} of {cfg.cycles} (--stop-on-collapse: {', '.join(collapse)}); "
-                  f"to go on anyway: the same command with --resume and without --stop-on-collapse",
-                  flush=True)
+        if log_cycle_end(entry, cfg.signal, cfg.cycles, cfg.stop_on_collapse, time.perf_counter() - cycle_start,
+                         time.perf_counter() - started):
             break
-        print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(time.perf_counter() - started)} so "
-              f"far" + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""),
-              flush=True)
 
-    if not team.main:
-        return progress
-    results = write_results(run_dir, history, wall_s=time.perf_counter() - started)
-    probed = (f"probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
-              f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), "
-              if cfg.probe_tasks else "no probe, ")
-    print(f"done: {probed}batch score {results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
+    if team.main:
+        log_done(run_dir, history, time.perf_counter() - started, probed=cfg.probe_tasks > 0)
     return progress
 
 
@@ -1687,22 +1581,6 @@ def where_it_stopped(cfg: Config, argv: list[str], action: str) -> str:
             f"python intrinsic_self_improvement.py {shlex.join(argv + resume)}")
 
 
-def compare(argv: list[str]) -> None:
-    """`compare RUN_DIR ...`: runs side by side, a table and one plot."""
-    parser = OneLineParser(prog="intrinsic_self_improvement.py compare",
-                           description="Compare runs side by side: a table and one plot.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--plot", default="output/comparison.png", help="where to write the plot")
-    parser.add_argument("--eval-fs", default=None,
-                        help="NL2Bash figures over these file systems only, e.g. 3,4,5")
-    parser.add_argument("--baseline", default=None, metavar="RUN_DIR",
-                        help="the run whose eval_cycle_0.jsonl is the untrained model's evaluation "
-                        "(default: the first run given that has one)")
-    args = parser.parse_args(argv)
-    groups = None if args.eval_fs is None else eval_groups(Config(eval_fs=args.eval_fs))
-    print(compare_runs(args.run_dirs, Path(args.plot), groups, args.baseline))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg, auditing, team = None, None, Team()
@@ -1716,7 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         team = team_from_environment()
         if argv[:1] == ["compare"]:
-            compare(argv[1:])
+            compare(argv[1:], Config)
         elif argv[:1] == ["audit"]:  # a program of its own, support/audit_program.py
             from support.audit_program import main as audit
             auditing = True

@@ -18,6 +18,7 @@ from pathlib import Path
 import intrinsic_self_improvement as isi
 from support import UsageError, nl2bash
 from support.audit import beats_nothing
+from support.cli import OneLineParser, add_config_flags, eval_groups
 from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
 from support.decoder import per_row
 from support.model import EMBEDDED_MODEL, compute_record, load_models
@@ -36,7 +37,7 @@ RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device"}
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = isi.OneLineParser(
+    parser = OneLineParser(
         prog="intrinsic_self_improvement.py audit", allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score every label-free signal against execution truth on NL2Bash: for each "
@@ -44,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
         "and InterCode's reward against the gold command; AUROC, Spearman and top-1 reranking "
         "with bootstrap intervals over items (docs/audit.md). The same command continues a "
         "stopped audit.")
-    isi.add_config_flags(parser, list(FLAGS), DEFAULTS)
+    add_config_flags(parser, isi.Config, list(FLAGS), DEFAULTS)
     parser.add_argument("--signal", dest="signals", action="append", default=[], metavar="FILE.py:NAME",
                         help="also audit a signal of your own: a function in a file (docs/signals.md); "
                         "repeat for several")
@@ -357,7 +358,7 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
         raise UsageError(f"{audit_dir} holds an audit with other settings ({settings_path}); "
                          f"choose another --name or --output")
     try:
-        items = nl2bash.load_items(cfg.eval_limit or None, groups=isi.eval_groups(cfg))
+        items = nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
     except ValueError as err:
         raise UsageError(f"--eval-limit: {err}") from None
     except SandboxUnavailable as err:

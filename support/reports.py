@@ -2,7 +2,7 @@
 `compare` (runs side by side: a table and one plot).
 
 The rest may call: log_stage, duration, plot_progress, write_results, compare_runs,
-log_training, score_correlations, pooled_correlations, curve, eval_figures, figures_over, experiment_kind.
+log_training, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve, eval_figures, figures_over, experiment_kind.
 """
 import io
 import json
@@ -94,6 +94,48 @@ def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
                "config": history["config"]}
     write_json(run_dir / "self_improvement_results.json", results)
     return results
+
+
+def record_cycle(run_dir: Path, history: dict, entry: dict, processes: int, main: bool) -> dict:
+    """A completed cycle into the run's history (its totals, how many processes ran it) and, by the
+    main process, the plot and progress.json, last: it marks the cycle as done. Returns the
+    progress."""
+    history["cycles"].append(entry)
+    history["total_generated"] += entry["before"]["total_generated"]
+    history["total_accepted"] += entry["before"]["accepted"]
+    history["compute"]["processes"].append(processes)
+    progress = {"last_completed_cycle": entry["cycle"], "timestamp": datetime.now(timezone.utc).isoformat(),
+                "history": history}
+    if main:
+        plot_progress(history, run_dir / "progress.png")
+        write_json(run_dir / "progress.json", progress)
+    return progress
+
+
+def log_cycle_end(entry: dict, signal: str, cycles: int, stop_on_collapse: bool, cycle_s: float,
+                  so_far_s: float) -> bool:
+    """A cycle's last lines: Goodhart's mark, a collapse, the time so far and left. True where
+    --stop-on-collapse stops the run after this cycle."""
+    cycle, collapse, left = entry["cycle"], entry["collapse"], cycles - entry["cycle"]
+    if entry["signal_up_execution_down"]:
+        print(f"  warning: the probe's {signal} score rose while its execution pass rate fell", flush=True)
+    if collapse:
+        print(f"  the fresh batch has collapsed: {', '.join(collapse)}", flush=True)
+    if collapse and stop_on_collapse and left:
+        print(f"stopped after cycle {cycle} of {cycles} (--stop-on-collapse: {', '.join(collapse)}); "
+              f"to go on anyway: the same command with --resume and without --stop-on-collapse", flush=True)
+        return True
+    print(f"  cycle {cycle} done in {cycle_s:.1f}s | {duration(so_far_s)} so far"
+          + (f", about {duration(cycle_s * left)} left at this cycle's pace" if left else ""), flush=True)
+    return False
+
+
+def log_done(run_dir: Path, history: dict, wall_s: float, probed: bool) -> None:
+    """The results file and the run's last line."""
+    results = write_results(run_dir, history, wall_s=wall_s)
+    probe = (f"probe score {results['probe_initial']} -> {results['probe_final']} (frozen judge "
+             f"{results['frozen_probe_initial']} -> {results['frozen_probe_final']}), " if probed else "no probe, ")
+    print(f"done: {probe}batch score {results['before_first']} -> {results['after_last']}; {run_dir}", flush=True)
 
 
 def curve(history: dict, *keys, initial: str | None = None) -> tuple[list[int], list[float]]:
