@@ -19,17 +19,22 @@ A fixed probe set, scored with greedy decoding after every cycle, gives a like-f
     python intrinsic_self_improvement.py compare output/extended_run/*
 
     # which label-free signal picks the commands that work? every signal against execution
-    # truth on NL2Bash, with intervals, before any training (docs/audit.md)
-    python intrinsic_self_improvement.py audit --candidates 4
+    # truth on NL2Bash, with intervals, before any training (docs/audit.md); and one of your own,
+    # a function in a file, audited and then used by SELECT (docs/signals.md)
+    python intrinsic_self_improvement.py audit --candidates 4 --signal examples/short_and_passing.py:short_and_passing
+    python intrinsic_self_improvement.py --domain bash --signal examples/short_and_passing.py:short_and_passing
 
     # one run across 4 GPUs (or: accelerate launch --multi_gpu --num_processes 4 intrinsic_...)
     torchrun --nproc_per_node 4 -- intrinsic_self_improvement.py \
         --model mistralai/Mistral-7B-Instruct-v0.2
 
-This file is the algorithm, in the order it runs; the machinery (model loading, the decoder, the
-CPU's products, processes, the run directory, reports, the sandbox) is in support/. The intrinsic
-score measures agreement of the model with itself; it is not a measure of correctness. See
-README.md for what it does and does not show.
+This file is the algorithm, in the order it runs: the tasks, GENERATE, INVERT, SCORE, the
+likelihood, EXECUTE, the signal table, SELECT, TRAIN, the outside evaluation, the cycle loop. The
+machinery (model loading, the decoder, the CPU's products, processes, the run directory, reports,
+the sandbox, signals from files) is in support/, and so is the audit, a program of its own over
+these stages (support/audit_program.py). The intrinsic score measures agreement of the model
+with itself; it is not a measure of correctness. See README.md for what it does and does not
+show.
 """
 import argparse
 import contextlib
@@ -127,15 +132,9 @@ class Config:
     probe_tasks: int = setting(
         20, "fixed probe tasks, drawn once, never trained on, scored greedily every cycle")
     signal: str = setting(
-        "inversion", "what SELECT keeps: inversion: intrinsic score >= threshold (published); "
-        "execution: the command runs cleanly and does something in the domain's sandboxed file "
-        "system; agreement: the largest group of candidates with the same execution result "
-        "(MBR-exec); inversion+execution: both; likelihood: per task, the candidate with the "
-        "highest coder-reviewer likelihood, when it is >= threshold (a per-token probability); "
-        "ladder: per task, the candidates on the highest rung of the execution ladder reached, "
-        "when that rung is at least 'exits 0'; ladder+likelihood, ladder+inversion: of those, "
-        "the one the second signal ranks first; path/to/file.py:NAME: a signal of your own, a function in a "
-        "file (docs/signals.md), alone or as ladder+path/to/file.py:NAME")
+        "inversion", "what SELECT keeps: one of the signals listed below --help's flags, a combination "
+        "A+B of them (what both keep, or of A's per task the one B ranks first), or a signal of your "
+        "own, path/to/file.py:NAME, alone or as ladder+path/to/file.py:NAME (docs/signals.md)")
     train_from: str = setting(
         "previous", "previous: continue the adapter each cycle (published); base: a fresh adapter "
         "each cycle, trained on everything selected so far (ReST-EM)", ["previous", "base"])
@@ -204,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="intrinsic_self_improvement.py", description=__doc__.split("\n\n")[0],
         epilog="Subcommands: 'intrinsic_self_improvement.py compare RUN_DIR [RUN_DIR ...]' puts runs "
         "side by side, a table and one plot (see 'compare --help'); 'intrinsic_self_improvement.py "
-        "audit' scores every label-free signal against execution truth on NL2Bash (see 'audit --help').",
+        "audit' scores every label-free signal against execution truth on NL2Bash (see 'audit --help'). "
+        "Signals (--signal): " + "; ".join(f"{s.name}: {s.help}" for s in SIGNALS.values() if s.loop)
+        + "; inversion+execution: both; ladder+likelihood, ladder+inversion: of the ladder's candidates "
+        "per task, the one the second ranks first.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     add_config_flags(parser, Config, [f.name for f in dataclasses.fields(Config)])
     return parser
@@ -1390,9 +1392,11 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
         "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
     passed = (f", execution passed {summary['execution_pass_rate']:.2f}"
               if "execution_pass_rate" in summary else "")
+    own = "".join(f", {p.summary} {summary[p.summary]:.3f}" for p in plugins_of(*signal)
+                  if summary.get(p.summary) is not None)
     print(f"  probe   mean score {summary['mean_score']:.3f} (frozen judge "
           f"{summary['frozen_mean_score']:.3f}), accepted {summary['accepted']}/{summary['total_generated']}, "
-          f"unusable {summary['unusable_commands']}{passed} ({seconds:.1f}s)", flush=True)
+          f"unusable {summary['unusable_commands']}{passed}{own} ({seconds:.1f}s)", flush=True)
     return summary, records
 
 
@@ -1609,8 +1613,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PeerFailed:
         if team.main:
-            print(f"error: another process of this run failed (its message is above); stopped "
-                  f"{where_it_stopped(cfg, argv, '')}", file=sys.stderr)
+            stopped = ("the audit keeps the items it has written: run the same command to continue"
+                       if auditing else f"stopped {where_it_stopped(cfg, argv, '')}")
+            print(f"error: another process of this run failed (its message is above); {stopped}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as stop:
         code, by = (130, "Ctrl-C") if isinstance(stop, KeyboardInterrupt) else (143, "SIGTERM")

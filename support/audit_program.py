@@ -14,6 +14,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import intrinsic_self_improvement as isi
 from support import UsageError, nl2bash
@@ -109,13 +110,14 @@ def audit_config(args: argparse.Namespace) -> isi.Config:
     return cfg
 
 
-def audit_name(cfg: isi.Config, adapter: str | None) -> str:
-    """model_base or model_RUN_cycleN, with K and the seed."""
+def audit_name(cfg: isi.Config, adapter: str | None, plugins: list = ()) -> str:
+    """model_base or model_RUN_cycleN, with K and the seed (and one's own signals, by name)."""
     model = "smollm2-135m" if cfg.model == EMBEDDED_MODEL else Path(cfg.model.rstrip("/")).name
     trained = "base" if adapter is None else (
         f"{Path(adapter).resolve().parent.name}_{Path(adapter).name.replace('checkpoint_', '')}")
     judge = "_frozen-judge" if cfg.judge == "frozen" else ""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}")
+    own = "".join(f"_{p.name}" for p in plugins)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}{own}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,23 +128,33 @@ def audited_signals(plugins: list) -> list:
     return [s for s in isi.SIGNALS.values() if s.audited] + plugins
 
 
-def columns(signals: list) -> list[tuple]:
-    """(column name, signal, scorer or None, on the item's file system, timers its cost sums), in
-    the order a candidate's signals are written: every signal, then those also on the item's file
-    system."""
+class Column(NamedTuple):
+    """One column of the audit: its name, the signal it reads, the scorer its reconstruction was
+    scored by (inversion's), whether its commands ran in the item's own file system, and the
+    timers its cost per candidate sums."""
+    name: str
+    signal: object
+    scorer: str | None
+    itemfs: bool
+    timers: tuple
+
+
+def columns(signals: list) -> list[Column]:
+    """The audit's columns in the order a candidate's signals are written: every signal (one per
+    scorer for inversion), then those also run in the item's own file system."""
     out = []
     for s in signals:
         for name, timers in s.variants or ((s.name, s.cost),):
-            out.append((name, s, name.removeprefix("inversion_") if s.variants else None, False, timers))
+            out.append(Column(name, s, name.removeprefix("inversion_") if s.variants else None, False, timers))
     for s in signals:
         if s.itemfs:
-            out.append((f"{s.name}_itemfs", s, None, True,
-                        tuple("execution_itemfs" if t == "execution" else t for t in s.cost)))
+            out.append(Column(f"{s.name}_itemfs", s, None, True,
+                              tuple("execution_itemfs" if t == "execution" else t for t in s.cost)))
     return out
 
 
 def column_rules(signals: list) -> dict:
-    return {name: s.column_rule or s.rule for name, s, *_ in columns(signals)}
+    return {c.name: c.signal.column_rule or c.signal.rule for c in columns(signals)}
 
 
 def rule_keeps(threshold: float, shellcheck: bool):
@@ -268,14 +280,15 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
     for j, (record, truths) in enumerate(zip(records, (t for _, item_truths in truth for t in item_truths))):
         item = items[j // (k + 1)]
         signals = {}
-        for name, signal, scorer, itemfs, _ in columns(audited_signals(plugins)):
-            source = scored[scorer][order[j]] if scorer else on_item[j] if itemfs else record
-            signals[name] = column_value(signal, source)
+        for column in columns(audited_signals(plugins)):
+            source = (scored[column.scorer][order[j]] if column.scorer else on_item[j] if column.itemfs
+                      else record)
+            signals[column.name] = column_value(column.signal, source)
         rows.append({"item": item["id"], "fs": item["group"], "query": item["query"], "command": record["command"],
                      "output": record["output"], "greedy": is_greedy[order[j]], "usable": record["usable"],
                      "signals": signals} | truths | {"verdict": record["verdict"]})
-    cost = {name: round(sum(timers[t] for t in spent) / len(rows), 5)
-            for name, _, _, _, spent in columns(audited_signals(plugins))}
+    cost = {c.name: round(sum(timers[t] for t in c.timers) / len(rows), 5)
+            for c in columns(audited_signals(plugins))}
     cost = {"generate": round(timers["generate"] / len(rows), 5)} | cost
     return [r | {"cost": cost} for r in rows]
 
@@ -351,7 +364,7 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
     if not shellcheck:
         print("shellcheck is not installed (apt-get install shellcheck): the ladder's "
               "shellcheck_clean level is reported unavailable", flush=True)
-    audit_dir = Path(cfg.output) / (cfg.name or audit_name(cfg, args.adapter))
+    audit_dir = Path(cfg.output) / (cfg.name or audit_name(cfg, args.adapter, args.plugins))
     settings = audit_settings(cfg, args, shellcheck)
     settings_path = audit_dir / "audit_settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:

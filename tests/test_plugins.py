@@ -172,3 +172,16 @@ def test_a_malformed_audit_row_is_one_line_naming_the_file_and_the_row(tmp_path,
     assert isi.main(["audit", "--from", str(audit_dir)]) == 2
     line = one_line_error(capsys)
     assert str(audit_dir / "audit_candidates.jsonl") in line and "row 2" in line, line
+
+
+def test_the_example_signal_of_the_docs():
+    """examples/short_and_passing.py, as docs/signals.md runs it: a passing command above every
+    failing one, the shorter first; no command, no value; it asks for the execution result."""
+    from conftest import ROOT
+    (signal, second) = isi.resolve_signal(f"{ROOT / 'examples' / 'short_and_passing.py'}:short_and_passing")
+    assert second is None and signal.needs == {"execution"} and signal.rule == "rank"
+    records = [{"task": "t", "command": c, "usable": u, "passed": p} for c, u, p in
+               (("ls -la /testbed", True, True), ("ls", True, False), ("Sure", False, False), ("ls /x", True, True))]
+    values = [r["short_and_passing"] for r in isi.plugin_values(signal, records, "in a test")]
+    assert values == [1 + 1 / 3, 1.0, None, 1.5]
+    assert isi.kept_by_signal(isi.plugin_values(signal, records, "in a test"), signal, None, 4, 0.5, 4 / 6) == [3]
