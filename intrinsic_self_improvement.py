@@ -1355,7 +1355,8 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
     records, probe_records = stage.records[:sampled], stage.records[sampled:]
     executed = (execute_commands(sandbox, records, cfg.candidates, lm.team) if sandbox
                 else Stage(records, {}))
-    needed = likelihood_needed(cfg, signal, executed.records, cfg.candidates, ladder_floor(shellcheck.shellcheck_available()))
+    floor = ladder_floor(shellcheck.shellcheck_available())
+    needed = likelihood_needed(cfg, signal, executed.records, cfg.candidates, floor)
     liked = (likelihood_values(lm, cfg, executed.records, needed) if needed
              else Stage(executed.records, {}))
     records = liked.records

@@ -1,8 +1,10 @@
-"""Reports: the stage lines a run prints, progress.png, self_improvement_results.json, and
-`compare` (runs side by side: a table and one plot).
+"""Reports: the stage lines a run prints, a completed cycle's bookkeeping (its place in the
+history, progress.json, its closing lines, the run's last), progress.png,
+self_improvement_results.json, and `compare`'s table and plot (runs side by side).
 
 The rest may call: log_stage, duration, plot_progress, write_results, compare_runs,
-log_training, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve, eval_figures, figures_over, experiment_kind.
+log_training, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve,
+eval_figures, figures_over, experiment_kind.
 """
 import io
 import json

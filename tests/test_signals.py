@@ -14,6 +14,7 @@ import intrinsic_self_improvement as isi
 from support import health
 import support
 import support.model
+import support.shellcheck
 import support.tasks
 from support import nl2bash as ne
 from support import sandbox as sb
@@ -144,8 +145,8 @@ def test_execute_commands_gives_every_candidate_its_ladder(sandbox):
                 "grep -Q x /testbed/textfile7.txt", "true", "# comment"]
     records = [{"task": "t", "tool": None, "command": c, "usable": isi.is_usable_command(c)} for c in commands]
     rows = isi.execute_commands(sandbox, records, copies=len(commands)).records
-    expected = {"ls /testbed": 1.0, "echo 'unterminated": 0.0, "nosuchprogram x": 1 / 6 if isi.shellcheck_available() else 1 / 5,
-                "true": 5 / 6 if isi.shellcheck_available() else 4 / 5}
+    expected = {"ls /testbed": 1.0, "echo 'unterminated": 0.0, "nosuchprogram x": 1 / 6 if support.shellcheck.shellcheck_available() else 1 / 5,
+                "true": 5 / 6 if support.shellcheck.shellcheck_available() else 4 / 5}
     for row in rows:
         if row["command"] in expected:
             assert row["ladder"] == pytest.approx(expected[row["command"]], abs=1e-4), row["command"]
@@ -328,14 +329,14 @@ def test_a_run_trains_on_what_a_ranking_signal_keeps(signal, tiny_model_dir, tmp
     args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "s", "--domain", "bash",
                      "--signal", signal, "--candidates", "3", "--tasks", "4", "--threshold", "0.0", "--score-all")
     assert isi.main(args) == 0
-    floor = 4 / 6 if isi.shellcheck_available() else 3 / 5
+    floor = 4 / 6 if support.shellcheck.shellcheck_available() else 3 / 5
     history = read_progress(tmp_path / "s")["history"]
     for cycle in (1, 2):
         rows = examples(tmp_path / "s", cycle)
         assert all({"score", "accepted", "passed", "agreed", "ladder", "ladder_levels", "likelihood", "coder",
                     "reviewer"} <= set(r) for r in rows)
         assert {r["command"]: r["ladder"] for r in rows if r["command"] in ("ls /testbed", "nosuchprogram /testbed")} \
-            == {"ls /testbed": 1.0, "nosuchprogram /testbed": round(1 / 6 if isi.shellcheck_available() else 1 / 5, 4)}
+            == {"ls /testbed": 1.0, "nosuchprogram /testbed": round(1 / 6 if support.shellcheck.shellcheck_available() else 1 / 5, 4)}
         for r in rows:
             if r["usable"]:
                 assert r["likelihood"] == pytest.approx(2.718281828 ** ((r["coder"] + r["reviewer"]) / 2), rel=1e-4)
@@ -363,7 +364,7 @@ def test_the_likelihood_is_computed_where_the_signal_needs_it(tiny_model_dir, tm
     assert isi.main(base + ["--name", "all", "--signal", "ladder+likelihood", "--score-all"]) == 0
     assert isi.main(base + ["--name", "none", "--signal", "ladder"]) == 0
     lean, full, none = (examples(tmp_path / name, 1) for name in ("lean", "all", "none"))
-    floor = 4 / 6 if isi.shellcheck_available() else 3 / 5
+    floor = 4 / 6 if support.shellcheck.shellcheck_available() else 3 / 5
     before = [r for r in lean if r["stage"] == "before"]
     scored = [r for r in before if "likelihood" in r]
     assert scored and len(scored) < len(before)
