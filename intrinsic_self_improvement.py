@@ -40,15 +40,12 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import errno
 import functools
 import hashlib
-import json
 import math
 import os
 import random
 import re
-import shlex
 import signal
 import sys
 import time
@@ -59,12 +56,13 @@ from collections.abc import Callable
 
 from support import UsageError, nl2bash
 from support.bash_structure import command_structure
-from support.cli import OneLineParser, add_config_flags, check_model_source, compare, eval_groups, HUB_ID
+from support.cli import (HUB_ID, Invocation, OneLineParser, Terminated, add_config_flags, check_model_source,
+                         compare, eval_groups, stopped, terminated)
 from support.decoder import answer_logprobs, decode, one_each, per_row
 from support.health import collapse_reasons, generation_health, words
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.plugins import checked_values, load_function
-from support.reports import (log_cycle_end, log_done, log_stage, log_training, record_cycle,
+from support.reports import (log_cycle_end, log_done, log_evaluation, log_stage, log_training, record_cycle,
                              score_correlations, write_results)
 from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint, prepare_run_directory,
                                    resumed_history, save_checkpoint, write_jsonl)
@@ -1293,17 +1291,10 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
     written = generate_commands(lm, cfg, [Task(item["query"]) for item in items], copies=1,
                                 greedy=True, seed=seed, label="eval")
     start = time.perf_counter()
-
-    def execute(share: list[dict], commands: list[str]) -> list[dict]:
-        # Built afresh each time: gold outputs of time-relative queries (find -mmin) age.
-        with nl2bash.Evaluator(share, workers=sandbox_workers(cfg, lm.team)) as evaluator:
-            return evaluator.score(commands, against_nothing=True)
-
-    try:  # each process scores its share of the items; a sandbox missing on one process stops all
-        results = lm.team.spread(lambda share, commands: lm.team.together(
-            lambda: execute(share, commands), SandboxUnavailable),
-            items, [r["command"] for r in written.records])
-    except SandboxUnavailable as err:
+    try:
+        results = nl2bash.score_in_sandbox(items, [r["command"] for r in written.records],
+                                           sandbox_workers(cfg, lm.team), lm.team)
+    except SandboxUnavailable as err:  # nothing is ever executed outside it
         print(f"  eval    skipped: {err}", flush=True)
         return None, []
     execute_s = time.perf_counter() - start
@@ -1320,11 +1311,7 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
         "mean_intrinsic_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
         **score_correlations(records),
         "seconds": round(sum(timing.values()), 3), "timing": timing}
-    print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
-          f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact "
-          f"{summary['exact_match']:.3f}; spearman(intrinsic, success) {summary['spearman_score_success']}"
-          f" | generate {timing['generate_s']:.1f}s, execute {timing['execute_s']:.1f}s, judge "
-          f"{timing['judge_s']:.1f}s", flush=True)
+    log_evaluation(summary)
     return summary, records
 
 
@@ -1565,79 +1552,28 @@ def run(cfg: Config, team: Team = Team()) -> dict:
 # main
 # ---------------------------------------------------------------------------------------------
 
-class Terminated(BaseException):
-    """SIGTERM, as a cluster's scheduler sends it: stops the run as Ctrl-C does (a BaseException,
-    like KeyboardInterrupt, so no `except Exception` on the way swallows it)."""
-
-
-def terminated(signum, frame):
-    raise Terminated()
-
-
-def where_it_stopped(cfg: Config, argv: list[str], action: str) -> str:
-    """What is saved, read from the run directory itself, and how to go on from it."""
-    try:
-        last = json.loads(
-            (run_directory(cfg) / "progress.json").read_text())["last_completed_cycle"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"before any cycle completed; {action}run the same command to start again"
-    resume = [] if cfg.resume else ["--resume"]
-    return (f"after cycle {last}, saved in {run_directory(cfg)}; {action}continue with: "
-            f"python intrinsic_self_improvement.py {shlex.join(argv + resume)}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg, auditing, team = None, None, Team()
-
-    def team_of(joined: Team) -> Team:  # the audit joins its team; errors are then reported once
-        nonlocal team
-        team = joined
-        return team
-    on_sigterm = signal.signal(signal.SIGTERM,
-                               terminated)  # a team's processes replace it (join_team)
+    now = Invocation(argv)  # what the one line of a stopped command needs: the team, the run directory
+    on_sigterm = signal.signal(signal.SIGTERM, terminated)  # a team's processes replace it (join_team)
     try:
-        team = team_from_environment()
+        now.team = team_from_environment()
         if argv[:1] == ["compare"]:
             compare(argv[1:], Config)
         elif argv[:1] == ["audit"]:  # a program of its own, support/audit_program.py
             from support.audit_program import main as audit
-            auditing = True
-            audit(argv[1:], join=lambda config: team_of(join_team(config)))
+            now.auditing = True
+            audit(argv[1:], join=lambda config: now.joined(join_team(config)))
         else:
             cfg = parse_config(argv)
-            team = join_team(cfg)
-            run(cfg, team)
-    except UsageError as err:  # the same on every process of a team (see Team.together): said once
-        if team.main:
-            print(f"error: {err}", file=sys.stderr)
-        return 2
-    except PeerFailed:
-        if team.main:
-            stopped = ("the audit keeps the items it has written: run the same command to continue"
-                       if auditing else f"stopped {where_it_stopped(cfg, argv, '')}")
-            print(f"error: another process of this run failed (its message is above); {stopped}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated) as stop:
-        code, by = (130, "Ctrl-C") if isinstance(stop, KeyboardInterrupt) else (143, "SIGTERM")
-        if team.main and auditing is not None:
-            print(f"stopped by {by}; the audit keeps the items it has written: run the same "
-                  f"command to continue", file=sys.stderr)
-        elif team.main:
-            print(
-                f"stopped by {by} {where_it_stopped(cfg, argv, '') if cfg else 'before the run began'}",
-                file=sys.stderr)
-        return code
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or cfg is None:
-            raise
-        writing = f" (writing {err.filename})" if err.filename else ""
-        print(f"error: no space left on the device{writing}; stopped "
-              f"{where_it_stopped(cfg, argv, 'free some, then ')}", file=sys.stderr)
-        return 2
+            now.run_dir, now.resumed = run_directory(cfg), cfg.resume
+            now.team = join_team(cfg)
+            run(cfg, now.team)
+    except (UsageError, PeerFailed, KeyboardInterrupt, Terminated, OSError) as stop:
+        return stopped(stop, now)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
-        leave_team(team)
+        leave_team(now.team)
     return 0
 
 

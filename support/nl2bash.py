@@ -18,7 +18,7 @@ are reported beside it.
 Needs the PyPI package icalfa==0.3.6 (installed with --no-deps; only its data files are read),
 bashlex, scikit-learn, scipy, and the sandbox's bubblewrap.
 
-The rest may call: load_items, Evaluator, summarize, aggregate, spearman, nlc2cmd_score,
+The rest may call: load_items, Evaluator, score_in_sandbox, summarize, aggregate, spearman, nlc2cmd_score,
 intercode_reward, exact_match, GROUPS; and command_structure and PARSE_TIMEOUT_S, which are
 support.bash_structure's, offered here too.
 """
@@ -184,6 +184,17 @@ def aggregate(results: list[dict]) -> dict:
         return sum(float(r[key]) for r in results) / n if n else None
     return {"n": n, "success_rate": mean("success"), "mean_reward": mean("reward"),
             "nlc2cmd": mean("nlc2cmd"), "exact_match": mean("exact")}
+
+
+def score_in_sandbox(items: list[dict], commands: list[str], workers: int, team) -> list[dict]:
+    """Each item's command scored against its gold command and against doing nothing, in a sandbox
+    built afresh (gold outputs of time-relative queries, `find -mmin`, age). Each process of a
+    `team` scores its share; a sandbox missing on one process stops all (SandboxUnavailable)."""
+    def execute(share: list[dict], mine: list[str]) -> list[dict]:
+        with Evaluator(share, workers=workers) as evaluator:
+            return evaluator.score(mine, against_nothing=True)
+    return team.spread(lambda share, mine: team.together(lambda: execute(share, mine), SandboxUnavailable),
+                       items, commands)
 
 
 def summarize(results: list[dict], items: list[dict]) -> dict:

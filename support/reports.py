@@ -3,7 +3,7 @@ history, progress.json, its closing lines, the run's last), progress.png,
 self_improvement_results.json, and `compare`'s table and plot (runs side by side).
 
 The rest may call: log_stage, duration, plot_progress, write_results, compare_runs,
-log_training, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve,
+log_training, log_evaluation, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve,
 eval_figures, figures_over, experiment_kind.
 """
 import io
@@ -52,6 +52,15 @@ def log_training(training: dict) -> None:
         print(f"  train   {training['pairs']} pairs ({training['selected']} selected), {training['steps']} steps, "
               f"command-token loss {training['loss_first']:.3f} -> {training['loss_last']:.3f} | "
               f"{training['train_s']:.1f}s ({training['train_tokens_per_s']} tok/s)", flush=True)
+
+
+def log_evaluation(summary: dict) -> None:
+    timing = summary["timing"]
+    print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
+          f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact "
+          f"{summary['exact_match']:.3f}; spearman(intrinsic, success) {summary['spearman_score_success']}"
+          f" | generate {timing['generate_s']:.1f}s, execute {timing['execute_s']:.1f}s, judge "
+          f"{timing['judge_s']:.1f}s", flush=True)
 
 
 def rounded(value: float | None, places: int = 4) -> float | None:
