@@ -90,6 +90,22 @@ def write_random_model(kind: str, target: Path) -> None:
     tokenizer.save_pretrained(target / "model")
 
 
+def write_tiny_llama(path: Path) -> Path:
+    """The tests' tiny model: a 2-layer Llama with random weights (seed 0) and the embedded model's
+    tokenizer, standing in for a hub model given by path (chat template, pad = EOS, no hub access)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tokenizer = AutoTokenizer.from_pretrained(support.model.embedded_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def random_model_dir(kind: str, scratch: Path) -> Path:
     """write_random_model in a process of its own, so that building a 7B model (14.5 GB in bf16)
     does not count in this process's peak memory."""

@@ -65,19 +65,10 @@ def stripped(value):
 
 
 def tiny_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    sys.path.insert(0, str(ROOT))
-    import support.model
-    tokenizer = AutoTokenizer.from_pretrained(support.model.embedded_model_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """The tests' tiny model (bench_cycle.write_tiny_llama)."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    import bench_cycle
+    return bench_cycle.write_tiny_llama(folder)
 
 
 def run(argv: list[str], known: list[str], log: Path) -> None:
@@ -135,8 +126,9 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True))
     if args.against:
         before = json.loads(Path(args.against).read_text())
-        differ = sorted(k for k in before.keys() | result.keys() if before.get(k) != result.get(k))
-        print(f"{len(result)} files; {len(differ)} differ from {args.against}" +
+        compared = {k for k in before.keys() | result.keys() if wanted is None or k.split("/")[0] in wanted}
+        differ = sorted(k for k in compared if before.get(k) != result.get(k))
+        print(f"{len(compared)} files; {len(differ)} differ from {args.against}" +
               "".join(f"\n  {k}" for k in differ))
         if differ:
             raise SystemExit(1)
