@@ -98,6 +98,48 @@ def resolve_device(cfg) -> tuple:
     return device, dtypes.get(cfg.precision, auto), cfg.quantize in ("auto", "4bit")
 
 
+# A model above this many parameters is not run on the CPU unless asked (--device cpu): in fp32
+# and without 4-bit, a 7B model's cycle takes days there
+LARGE_MODEL_PARAMETERS = 1_000_000_000
+
+
+def parameters_in_config(source: str) -> int:
+    """A model's parameter count from its config alone: built on the meta device, no weight read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def why_no_cuda() -> str:
+    """Why torch sees no CUDA device here: its build, and the driver where nvidia-smi answers."""
+    import subprocess
+
+    import torch
+    build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        driver = (f"NVIDIA driver {done.stdout.split()[0]}" if done.returncode == 0 and done.stdout.split()
+                  else f"nvidia-smi failed ({' '.join(done.stderr.split())[:100]})")
+    except (OSError, subprocess.TimeoutExpired):
+        driver = "no nvidia-smi"
+    return f"torch {torch.__version__} is {build}, torch.cuda.is_available() is False, {driver}"
+
+
+def check_not_large_on_cpu(cfg, source: str) -> None:
+    """--device auto without a usable CUDA device falls back to the CPU: not for a large model,
+    which would run there in fp32 for days; one line saying so and why, before any weight loads."""
+    with loading_errors_as_usage("--model", cfg.model):
+        parameters = parameters_in_config(source)
+    if parameters > LARGE_MODEL_PARAMETERS:
+        raise UsageError(f"--model {cfg.model} has {parameters / 1e9:.1f}B parameters and no CUDA device is usable "
+                         f"here ({why_no_cuda()}); --device auto would run it on the CPU, in fp32, for days. Make "
+                         f"torch see the GPU (README.md, 'A GPU'), or give --device cpu to run it here anyway")
+
+
 def check_bitsandbytes() -> None:
     """--quantize 4bit needs bitsandbytes: missing or broken, one line naming it."""
     try:
@@ -204,6 +246,8 @@ def load_language_model(cfg, team: Team = Team()) -> LanguageModel:
     if device == "cuda" and team.size > 1:
         device = f"cuda:{team.local_rank}"
     source = embedded_model_dir() if cfg.model == EMBEDDED_MODEL else cfg.model
+    if device == "cpu" and cfg.device == "auto" and cfg.model != EMBEDDED_MODEL:
+        check_not_large_on_cpu(cfg, source)
     kwargs = {"dtype": dtype}
     if four_bit:
         check_bitsandbytes()

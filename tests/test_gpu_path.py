@@ -232,3 +232,23 @@ def test_the_gpu_check_on_the_gpu_with_a_tiny_model(tmp_path, cuda_environment):
     check_figures(figures)
     assert figures["environment"]["bitsandbytes_library"].endswith(".so")
     assert figures["decode_steps"]["4bit"]["150"]["gpu_busy_share"] > 0
+
+
+def test_a_large_model_never_falls_back_to_the_cpu_by_accident(tmp_path, capsys):
+    """--device auto with no usable CUDA device (the suite hides the GPU): a model above a billion
+    parameters, known from its config alone (no weights here at all), stops with one line saying
+    why and how to run it anyway; with --device cpu the check is passed (and loading then fails on
+    the missing weights, in its own line)."""
+    from transformers import LlamaConfig
+    model_dir = tmp_path / "large"
+    LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4).save_pretrained(model_dir)  # TinyLlama-1.1B's shape
+    args = ["--model", str(model_dir), "--output", str(tmp_path / "out"), "--cycles", "1"]
+    assert isi.main(args) == 2
+    line = one_line_error(capsys)
+    assert "has 1.1B parameters and no CUDA device is usable here (torch" in line, line
+    assert "torch.cuda.is_available() is False" in line and "give --device cpu" in line, line
+    assert isi.main([*args, "--device", "cpu"]) == 2
+    line = one_line_error(capsys)
+    assert "cannot load it" in line and "parameters" not in line, line
+    assert support.model.parameters_in_config(str(model_dir)) > support.model.LARGE_MODEL_PARAMETERS
