@@ -3,22 +3,28 @@ with LoRA, bf16 compute) run on one GPU as the project says, and how fast? Rando
 model's shape (the device machine cannot reach the model hub), built once. Stages, each writing
 the JSON again when it ends, so a timeout keeps what ran:
 
-  environment          driver, GPU, library versions, which bitsandbytes library loaded
-  build                the random model, written to disk once (reused by every later stage)
+  environment          driver, GPU, library versions, which bitsandbytes library loaded (a missing
+                       nvidia-smi is recorded, not fatal)
+  build                the random model, written to disk once (reused by every later stage, and by
+                       a second run given the same --scratch)
   load_4bit            load time, memory, the dtypes of weights, activations and the KV cache
-  stopping             150 rows made to stop at varied steps (a hook forces EOS with a small
-                       probability), so the decoder's stopping and cache compaction run
   decoder_vs_generate  generate's greedy tokens scored by the decoder (teacher forcing), their
                        log-probabilities within a stated tolerance of generate's; and the greedy
                        tokens' agreement up to the first divergence, counted, one prompt at a time
   decode_steps         ms per decode step at 150, 20 and 4 rows; GPU-busy time against wall time
-  memory               peak memory decoding 150 and 640 rows to the command cap (48 tokens)
   qlora_steps          ten QLoRA steps (ms, peak memory) and the LoRA gradients finite, non-zero
+  cli                  the script end to end: 2 cycles at 50 x 3, then --resume to 3; each
+                       invocation's exit code (or "timed out"), time and last output written as it ends
+  stopping             150 rows made to stop at varied steps (a hook forces EOS with a small
+                       probability), so the decoder's stopping and cache compaction run
+  memory               peak memory decoding 150 and 640 rows to the command cap (48 tokens),
+                       allocated and reserved
   bf16                 the same model with bf16 weights: load, dtypes, ms per step at 150 rows
   collective           NCCL (gloo on the CPU) with one process: an all-reduce
-  cli                  the script end to end: 2 cycles at 50 x 3, then --resume to 3
 
-A stage that fails is listed under "failed" with its error, and the next one runs.
+The stages run in that order, of value: a check cut short keeps what matters most. A stage that
+fails is listed under "failed" with its error, and the next one runs; the JSON is written again
+after every stage (and after each of the CLI's two invocations).
 
 On one H100 or H200 (about eight minutes; the device tool's machine has PyTorch but not the
 pinned transformers, peft or any bitsandbytes), here, once, in the repository's root:
@@ -155,6 +161,13 @@ class Check:
         import bench_cycle
         return bench_cycle.peak_memory_gib(self.device)
 
+    def four_bit(self):
+        """The 4-bit model the stages measure: load_4bit's, loaded again where a stage before
+        freed it (the CLI's run) or replaced it (bf16)."""
+        if self.lm is None or self.lm.weights != "nf4":
+            self.figures.setdefault("reloaded_4bit", []).append(load_4bit(self)["load_s"])
+        return self.lm
+
     def prompts(self, n: int) -> list[list[int]]:
         """n distinct command prompts of the default task domain."""
         import intrinsic_self_improvement as isi
@@ -177,9 +190,12 @@ def environment(check: Check) -> dict:
     if check.cuda:
         figures["gpu"] = torch.cuda.get_device_name()
         figures["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        figures["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            figures["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as err:  # recorded, not fatal
+            figures["nvidia_smi"] = f"not available: {type(err).__name__}: {err}"
     import bitsandbytes.cextension
     library = getattr(getattr(bitsandbytes.cextension.lib, "_lib", None), "_name", None)
     figures["bitsandbytes_library"] = Path(library).name if library else None
@@ -291,7 +307,7 @@ def stopping(check: Check) -> dict:
         return real(keep)
     support.decoder.compacted = counted
     try:
-        with ForcedStops(check.lm, 0.05):
+        with ForcedStops(check.four_bit(), 0.05):
             start = time.perf_counter()
             out = support.decoder.decode(check.lm, check.prompts(50), copies=3, temperature=0.7,
                                          max_new_tokens=check.command_tokens, batch_size=150, seed=0, desc="stopping")
@@ -343,7 +359,7 @@ def decoder_vs_generate(check: Check) -> dict:
     defect, and after it the two continue different texts)."""
     import torch
     import support.decoder
-    lm, prompts, steps = check.lm, check.prompts(4), 8
+    lm, prompts, steps = check.four_bit(), check.prompts(4), 8
     agreement, largest = [], 0.0
     generator = torch.Generator(device=lm.device).manual_seed(0)
     with torch.inference_mode():
@@ -403,6 +419,7 @@ def ms_per_step(check: Check, rows: int, steps: tuple[int, int] = (4, 20), profi
 
 
 def decode_steps(check: Check) -> dict:
+    check.four_bit()
     return {"4bit": {str(rows): ms_per_step(check, rows, profile=True) for rows in check.step_rows}}
 
 
@@ -411,6 +428,7 @@ def memory(check: Check) -> dict:
     On the CPU the process's peak RSS, which only grows."""
     import torch
     import support.decoder
+    check.four_bit()
     figures = {}
     for rows in check.memory_rows:
         check.reset_peak()
@@ -423,6 +441,8 @@ def memory(check: Check) -> dict:
                                              max_new_tokens=check.command_tokens, line_done=None, generator=generator)
             check.synchronize()
             figures[str(rows)] = {"peak_gib": check.peak_gib(), "decode_s": round(time.perf_counter() - start, 2)}
+            if check.cuda:  # what the caching allocator holds, beside what tensors hold
+                figures[str(rows)]["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         except torch.OutOfMemoryError as err:
             figures[str(rows)] = {"out_of_memory": str(err)[:300]}
     return figures
@@ -434,7 +454,7 @@ def qlora_steps(check: Check) -> dict:
     import torch
     import intrinsic_self_improvement as isi
     import support.tasks
-    lm = check.lm
+    lm = check.four_bit()
     tasks = isi.draw_tasks(support.tasks.builtin_domain("pentest"), 40, random.Random(1))
     pairs = [(task, f"nmap -p 22,80 10.0.0.{k}") for k, task in enumerate(tasks)]
     check.reset_peak()
@@ -495,20 +515,31 @@ def cli(check: Check) -> dict:
                 "--max-inversion-tokens", "6"]
     else:
         run += ["--tasks", "50", "--candidates", "3"]
-    figures, codes = {}, []
+    figures = check.figures["cli"] = {"returncodes": []}  # written after each invocation, whatever happens
     for label, extra in (("first", ["--cycles", "2"]), ("resumed", ["--cycles", "3", "--resume"])):
         start = time.perf_counter()
-        done = subprocess.run(run + extra, capture_output=True, text=True, timeout=check.args.cli_timeout)
-        codes.append(done.returncode)
+        try:
+            done = subprocess.run(run + extra, capture_output=True, text=True, timeout=check.args.cli_timeout)
+            code, output = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as err:  # what it printed before the limit is the evidence
+            code, output = "timed out", "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                                                for part in (err.stdout, err.stderr) if part)
+        figures["returncodes"].append(code)
         figures[f"{label}_s"] = round(time.perf_counter() - start, 1)
-        figures[f"{label}_tail"] = (done.stdout + done.stderr)[-1500:]
-    progress = json.loads((Path(run[run.index("--output") + 1]) / "run" / "progress.json").read_text())
-    figures.update(returncodes=codes, last_completed_cycle=progress["last_completed_cycle"])
+        figures[f"{label}_tail"] = output[-1500:]
+        check.write()
+        if code != 0:
+            break
+    progress = Path(run[run.index("--output") + 1]) / "run" / "progress.json"
+    figures["last_completed_cycle"] = (json.loads(progress.read_text())["last_completed_cycle"]
+                                       if progress.exists() else None)
     return figures
 
 
-STAGES = [environment, build, load_4bit, stopping, decoder_vs_generate, decode_steps, memory, qlora_steps, bf16,
-          collective, cli]
+# in order of value, so that a check cut short keeps what matters most: the 4-bit path loads, the
+# decoder agrees with generate, decode speed, QLoRA steps, the script end to end; then the rest
+STAGES = [environment, build, load_4bit, decoder_vs_generate, decode_steps, qlora_steps, cli, stopping, memory,
+          bf16, collective]
 
 
 def main(argv=None) -> int:
