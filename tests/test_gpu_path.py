@@ -185,6 +185,20 @@ def test_the_gpu_check_runs_its_cpu_path(tmp_path):
     assert decoder["greedy_agreement"] == [decoder["steps"]] * decoder["prompts"], decoder
 
 
+def test_the_gpu_checks_cli_stage_keeps_its_evidence_when_the_run_times_out(tmp_path):
+    """A CLI invocation past --cli-timeout: recorded as 'timed out' with its time and what it had
+    printed, no cycle completed, the second invocation not started, and the check goes on."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--stages", "cli",
+                           "--cli-timeout", "3", "--out", str(out), "--scratch", str(tmp_path / "scratch")],
+                          capture_output=True, text=True, timeout=300)
+    figures = json.loads(out.read_text())
+    assert figures["failed"] == [] and "finished" in figures, done.stdout[-2000:]
+    cli = figures["cli"]
+    assert cli["returncodes"] == ["timed out"] and cli["last_completed_cycle"] is None, cli
+    assert cli["first_s"] >= 3 and "resumed_s" not in cli and isinstance(cli["first_tail"], str)
+
+
 @pytest.mark.slow
 def test_the_decode_steps_bench_counts_fewer_steps_with_the_probe_folded(tiny_model_dir, tmp_path):
     """bench/decode_steps.py on the tiny model (rows run to the caps): the probe's own generate
