@@ -760,18 +760,23 @@ def execution_result(run) -> tuple | None:
     return (run.exit_code, run.output, tuple(sorted(run.changes)), tuple(sorted(run.signatures.items())))
 
 
+def group_sizes(results: list) -> list[int]:
+    """Per execution result (None: did not pass), how many of `results` equal it; 0 for None."""
+    return [0 if result is None else results.count(result) for result in results]
+
+
 def agreement_sizes(runs: list) -> list[int]:
     """Per run: the size of its MBR-exec group, the runs with the same passing execution result
     (itself included); 0 for a run that did not pass, or no run (None)."""
-    results = [execution_result(run) for run in runs]
-    return [0 if result is None else results.count(result) for result in results]
+    return group_sizes([execution_result(run) for run in runs])
 
 
 def agreement_group(runs: list) -> list[int]:
     """MBR-exec over one task's candidates: the positions of the largest group of candidates with
     the same passing execution result, when it has at least two; else none. A tie goes to the
     group met first. A run may be None (no command to run)."""
-    results, sizes = [execution_result(run) for run in runs], agreement_sizes(runs)
+    results = [execution_result(run) for run in runs]
+    sizes = group_sizes(results)
     largest = max(sizes, default=0)
     if largest < 2:
         return []
@@ -816,7 +821,6 @@ def static_checks(commands: list[str | None]) -> tuple[list, list, dict]:
     """The ladder's two levels that read a command without running it, for each command (None:
     not a command): bashlex parses it (bounded); shellcheck finds no error (None where it is
     missing or failed). And the seconds each took."""
-    from support.shellcheck import error_free
     present = [i for i, c in enumerate(commands) if c is not None]
     started = time.perf_counter()
     parses = [None] * len(commands)
@@ -824,7 +828,7 @@ def static_checks(commands: list[str | None]) -> tuple[list, list, dict]:
         parses[i] = command_structure(commands[i]) is not None
     parsed_s = time.perf_counter() - started
     clean = [None] * len(commands)
-    for i, ok in zip(present, error_free([commands[i] for i in present]) or []):
+    for i, ok in zip(present, shellcheck.error_free([commands[i] for i in present]) or []):
         clean[i] = ok
     return parses, clean, {"parses": parsed_s, "shellcheck_clean": time.perf_counter() - started - parsed_s}
 

@@ -270,9 +270,22 @@ def load_4bit(check: Check) -> dict:
     return load(check, "--quantize", "4bit", "--precision", "bf16")
 
 
-class ForcedStops:
-    """A hook on the LM head: each row's next token is EOS with probability p, so rows of random
-    weights (which never stop by themselves) stop at varied steps."""
+class HeadHook:
+    """A forward hook on the LM head for the length of a `with`: `force(module, inputs, logits)`
+    sees (and may change) each step's logits."""
+
+    def __enter__(self):
+        head = self.lm.model.get_base_model().get_output_embeddings()
+        self.handle = head.register_forward_hook(self.force)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class ForcedStops(HeadHook):
+    """Each row's next token is EOS with probability p, so rows of random weights (which never
+    stop by themselves) stop at varied steps."""
 
     def __init__(self, lm, p: float, seed: int = 0):
         import torch
@@ -280,19 +293,11 @@ class ForcedStops:
         self.generator = torch.Generator(device=lm.device).manual_seed(seed)
         self.eos = lm.tokenizer.eos_token_id
 
-    def __enter__(self):
-        head = self.lm.model.get_base_model().get_output_embeddings()
-        self.handle = head.register_forward_hook(self.force)
-        return self
-
     def force(self, _, inputs, logits):
         import torch
         rows = torch.rand(logits.shape[0], generator=self.generator, device=logits.device) < self.p
         logits[rows, ..., self.eos] = logits.max() + 100
         return logits
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def stopping(check: Check) -> dict:
@@ -320,18 +325,13 @@ def stopping(check: Check) -> dict:
             "tokens_per_s": round(out.tokens / (time.perf_counter() - start), 1)}
 
 
-class ForcedTokens:
-    """A hook on the LM head, for teacher forcing through the decoder's own cached path: at its
-    step k the decoder takes tokens[k], and the log-probability the model gave that token (before
-    the forcing) is recorded. One prompt, one row."""
+class ForcedTokens(HeadHook):
+    """Teacher forcing through the decoder's own cached path: at its step k the decoder takes
+    tokens[k], and the log-probability the model gave that token (before the forcing) is
+    recorded. One prompt, one row."""
 
     def __init__(self, lm, tokens: list[int]):
         self.lm, self.tokens, self.logprobs = lm, tokens, []
-
-    def __enter__(self):
-        head = self.lm.model.get_base_model().get_output_embeddings()
-        self.handle = head.register_forward_hook(self.force)
-        return self
 
     def force(self, _, inputs, logits):
         import torch
@@ -340,9 +340,6 @@ class ForcedTokens:
             self.logprobs.append(torch.log_softmax(logits[0].float(), -1)[self.tokens[k]].item())
             logits[0, self.tokens[k]] = logits.max() + 100
         return logits
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 # The decoder feeds a prompt's last token on its own (bitsandbytes' one-row path) where generate
