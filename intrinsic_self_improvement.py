@@ -1164,8 +1164,13 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         input_ids.append(e["input_ids"] + [pad_id] * pad)
         labels.append(e["labels"] + [-100] * pad)
         attention.append([1] * len(e["input_ids"]) + [0] * pad)
+    # where the loss is taken, built here (a boolean mask of the labels would be a read of the
+    # device every step): the positions, row-major in the batch, whose next token is labelled
+    scored = [(row * width + k, label) for row, e in enumerate(labels) for k, label in enumerate(e[1:]) if label != -100]
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "attention_mask": torch.tensor(attention)}
+            "attention_mask": torch.tensor(attention),
+            "scored_at": torch.tensor([at for at, _ in scored], dtype=torch.long),
+            "scored_targets": torch.tensor([label for _, label in scored], dtype=torch.long)}
 
 
 def labelled_tokens(example: dict) -> int:
@@ -1183,10 +1188,8 @@ def completion_loss(model, batch: dict):
     base = model.get_base_model()
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep]), int(keep.sum())
+    logits = base.get_output_embeddings()(hidden.flatten(0, 1)[batch["scored_at"]]).float()
+    return F.cross_entropy(logits, batch["scored_targets"]), len(batch["scored_targets"])
 
 
 def share_loss(model, batch: list[dict], share: list[dict], pad_id: int, device: str):
@@ -1235,6 +1238,7 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
         base.set_attn_implementation("eager")
     model.train()
     losses, tokens, positions, start = [], 0, 0, time.perf_counter()
+    zero = torch.zeros((), device=lm.device)  # the loss of a process's empty share
     try:
         for batch in tqdm(batches, desc="train", unit="step", leave=False,
                           disable=None if team.main else True):
@@ -1252,15 +1256,16 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(0.0 if loss is None else loss.item())
+            losses.append(zero if loss is None else loss.detach())  # read once, after the epoch
     finally:
         model.eval()
         base.set_attn_implementation(attention)
+    totals = torch.cat([torch.stack(losses).double(),
+                        torch.tensor([tokens, positions], dtype=torch.float64, device=lm.device)])
     if team.size > 1:
-        totals = torch.tensor(losses + [tokens, positions], dtype=torch.float64, device=lm.device)
         team.sum(totals)
-        *losses, tokens, positions = totals.tolist()
-        tokens, positions = int(tokens), int(positions)
+    *losses, tokens, positions = totals.tolist()
+    tokens, positions = int(tokens), int(positions)
     seconds = time.perf_counter() - start
     return {"pairs": len(pairs), "steps": len(batches), "skipped": False, "command_tokens": tokens,
             "positions": positions, "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),

@@ -11,7 +11,8 @@ the JSON again when it ends, so a timeout keeps what ran:
   decoder_vs_generate  generate's greedy tokens scored by the decoder (teacher forcing), their
                        log-probabilities within a stated tolerance of generate's; and the greedy
                        tokens' agreement up to the first divergence, counted, one prompt at a time
-  decode_steps         ms per decode step at 150, 20 and 4 rows; GPU-busy time against wall time
+  decode_steps         ms per decode step at 150, 20 and 4 rows; GPU-busy time against wall time; at
+                       150 rows the chosen tokens read back every step against every 4 (the default)
   qlora_steps          ten QLoRA steps (ms, peak memory) and the LoRA gradients finite, non-zero
   cli                  the script end to end: 2 cycles at 50 x 3, then --resume to 3; each
                        invocation's exit code (or "timed out"), time and last output written as it ends
@@ -24,16 +25,24 @@ the JSON again when it ends, so a timeout keeps what ran:
 
 The stages run in that order, of value: a check cut short keeps what matters most. A stage that
 fails is listed under "failed" with its error, and the next one runs; the JSON is written again
-after every stage (and after each of the CLI's two invocations).
+after every stage (and after each of the CLI's two invocations). With --budget SECONDS a stage
+that would not fit in what is left (by ESTIMATE_S, guesses until a GPU run measures them) is
+skipped and listed under "skipped", and the CLI's invocations shrink their limits to fit.
 
-On one H100 or H200 (about eight minutes; the device tool's machine has PyTorch but not the
-pinned transformers, peft or any bitsandbytes), here, once, in the repository's root:
+On one H100 or H200 (the device tool's machine has PyTorch but not the pinned transformers,
+peft or any bitsandbytes), here, once, in the repository's root:
 
     .venv/bin/python bench/gpu_check.py --prepare-wheels .whl    # 17.4 MiB, under the 64 MiB a call carries
 
-(.gitignore keeps .whl out of git), then with the device tool:
+(.gitignore keeps .whl out of git), then with the device tool, a call of at most about seven of
+the session's fifteen device minutes with the machine's start (five and a half of checking: the
+stages up to the CLI, and the CLI in what is left), leaving room for a second:
 
-    run(command="python3 bench/gpu_check.py --wheels .whl --out $OUT/gpu_check.json", carry=[".whl"], timeout_s=560)
+    run(command="python3 bench/gpu_check.py --wheels .whl --budget 320 --scratch /tmp/gpu-check --out $OUT/gpu_check.json", carry=[".whl"], timeout_s=340)
+
+A second call on the still-warm machine with `--scratch /tmp/gpu-check` and `--stages` naming what
+the first skipped or failed reuses the built model. Without --budget every stage runs (about ten
+minutes, by the estimates).
 
 --wheels unpacks the carried wheels into /tmp/site and runs the check again with
 PYTHONPATH=/tmp/site, MISTRAL_V1_TOKENIZER=.whl/tokenizer.model.v1 and PYTHONUNBUFFERED=1.
@@ -51,6 +60,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STARTED = time.time()
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -95,7 +105,8 @@ def run_with_wheels(folder: Path, argv: list[str]) -> int:
         with zipfile.ZipFile(wheel) as unpacked:
             unpacked.extractall(SITE)
     env = dict(os.environ, PYTHONPATH=f"{SITE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-               MISTRAL_V1_TOKENIZER=str((folder / "tokenizer.model.v1").resolve()), PYTHONUNBUFFERED="1")
+               MISTRAL_V1_TOKENIZER=str((folder / "tokenizer.model.v1").resolve()), PYTHONUNBUFFERED="1",
+               GPU_CHECK_STARTED=str(STARTED))  # --budget counts from here
     return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
 
 
@@ -116,7 +127,7 @@ class Check:
         self.step_rows = (150, 20, 4)
         self.memory_rows = (150, 640) if self.cuda else (16, 64)
         self.figures = {"device": args.device, "shape": args.shape, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "failed": []}
+                        "budget_s": args.budget, "failed": [], "skipped": []}
         self.model_dir, self.lm, self.cfg = None, None, None
 
     def write(self) -> None:
@@ -126,7 +137,21 @@ class Check:
         partial.write_text(json.dumps(self.figures, indent=2) + "\n")
         os.replace(partial, out)
 
+    def left_s(self) -> float | None:
+        """Seconds of --budget left (counted from the first process's start), or None: no budget."""
+        if self.args.budget is None:
+            return None
+        return self.args.budget - (time.time() - float(os.environ.get("GPU_CHECK_STARTED", STARTED)))
+
     def run(self, name: str, stage) -> None:
+        left, needs = self.left_s(), ESTIMATE_S.get(name, 0)
+        if left is not None and needs > left and name not in ("environment", "build"):
+            self.figures["skipped"].append({"stage": name, "why": f"needs about {needs} s, {left:.0f} s of "
+                                                                  f"--budget left"})
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: skipped (needs about {needs} s, {left:.0f} s left)",
+                  flush=True)
+            self.write()
+            return
         start = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         try:
@@ -383,10 +408,12 @@ def decoder_vs_generate(check: Check) -> dict:
             "tolerance": tolerance, "within_tolerance": largest <= tolerance}
 
 
-def ms_per_step(check: Check, rows: int, steps: tuple[int, int] = (4, 20), profile: bool = False) -> dict:
+def ms_per_step(check: Check, rows: int, steps: tuple[int, int] = (4, 20), profile: bool = False,
+                read_every: int | None = None) -> dict:
     """Decode-step time at `rows` rows, without the prefill: two runs of different lengths, the
     difference over the extra steps. With `profile`, the share of the longer run's wall time the
-    GPU spent in kernels."""
+    GPU spent in kernels. `read_every`: the decoder's steps between reads of the chosen tokens
+    (its default for the device otherwise)."""
     import torch
     import support.decoder
     per_prompt = 3 if rows > 50 else 1  # the loop's batches: 50 tasks x 3 candidates; the probe: 20 tasks, greedy
@@ -398,7 +425,7 @@ def ms_per_step(check: Check, rows: int, steps: tuple[int, int] = (4, 20), profi
         start = time.perf_counter()
         with torch.inference_mode():
             support.decoder.decode_batch(check.lm, prompts, copies=per_prompt, temperature=0.7, max_new_tokens=n,
-                                         line_done=None, generator=generator)
+                                         line_done=None, generator=generator, read_every=read_every)
         check.synchronize()
         return time.perf_counter() - start
     decode(steps[0])  # warm-up
@@ -416,8 +443,14 @@ def ms_per_step(check: Check, rows: int, steps: tuple[int, int] = (4, 20), profi
 
 
 def decode_steps(check: Check) -> dict:
+    """ms per step at the loop's row counts; at 150 rows, also with the chosen tokens read back
+    every step and every 4 (the device's default: is the GPU kept busier?)."""
+    import support.decoder
     check.four_bit()
-    return {"4bit": {str(rows): ms_per_step(check, rows, profile=True) for rows in check.step_rows}}
+    figures = {"4bit": {str(rows): ms_per_step(check, rows, profile=True) for rows in check.step_rows},
+               "default_read_every": support.decoder.read_interval(check.lm.device)}
+    figures["150_read_every"] = {str(n): ms_per_step(check, 150, profile=True, read_every=n) for n in (1, 4)}
+    return figures
 
 
 def memory(check: Check) -> dict:
@@ -514,9 +547,12 @@ def cli(check: Check) -> dict:
         run += ["--tasks", "50", "--candidates", "3"]
     figures = check.figures["cli"] = {"returncodes": []}  # written after each invocation, whatever happens
     for label, extra in (("first", ["--cycles", "2"]), ("resumed", ["--cycles", "3", "--resume"])):
-        start = time.perf_counter()
+        start, timeout = time.perf_counter(), check.args.cli_timeout
+        if check.left_s() is not None:  # the rest of the budget, shared by the invocations left
+            timeout = min(timeout, max(30, int((check.left_s() - 15) / (2 if label == "first" else 1))))
+        figures[f"{label}_timeout_s"] = timeout
         try:
-            done = subprocess.run(run + extra, capture_output=True, text=True, timeout=check.args.cli_timeout)
+            done = subprocess.run(run + extra, capture_output=True, text=True, timeout=timeout)
             code, output = done.returncode, done.stdout + done.stderr
         except subprocess.TimeoutExpired as err:  # what it printed before the limit is the evidence
             code, output = "timed out", "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
@@ -538,6 +574,13 @@ def cli(check: Check) -> dict:
 STAGES = [environment, build, load_4bit, decoder_vs_generate, decode_steps, qlora_steps, cli, stopping, memory,
           bf16, collective]
 
+# Seconds each stage is expected to take on one H100 (Mistral-7B's shape), for --budget: guesses
+# from the work each does (14.5 GB written and read, 4-bit quantization, a few hundred decode steps),
+# not yet measured on a GPU; the first run's "seconds" replace them. The CLI's is the least it
+# is started with: it takes what is left (each invocation's limit shrinks to fit).
+ESTIMATE_S = {"environment": 10, "build": 60, "load_4bit": 45, "decoder_vs_generate": 15, "decode_steps": 40,
+              "qlora_steps": 20, "cli": 120, "stopping": 20, "memory": 30, "bf16": 60, "collective": 5}
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -548,6 +591,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scratch", help="where the random model and the CLI's run go (default: a new temporary folder)")
     parser.add_argument("--stages", help="a comma-separated subset (build always runs)")
     parser.add_argument("--cli-timeout", type=int, default=400, help="seconds for each of the two CLI invocations")
+    parser.add_argument("--budget", type=float, help="seconds for the whole check: a stage that would not fit "
+                                                     "is skipped and listed under 'skipped' (default: no limit)")
     parser.add_argument("--wheels", help="a folder of wheels to unpack and import first (the device machine)")
     parser.add_argument("--prepare-wheels", help="download and slim the wheels into this folder (here), then stop")
     args = parser.parse_args(argv)

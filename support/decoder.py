@@ -6,7 +6,8 @@ nothing; greedy and sampled rows share a batch, so a stage's greedy prompts (the
 in its sampled batches. Several processes each decode their share of the prompts.
 
 The rest may call: decode (all prompts of a stage), decode_batch (one batch), Generated,
-pick_tokens, one_each, per_row, shared_prefix_length, answer_logprobs (how probable given answers are).
+pick_tokens, read_interval, one_each, per_row, shared_prefix_length, answer_logprobs (how probable given
+answers are).
 """
 import time
 from dataclasses import dataclass
@@ -25,18 +26,21 @@ class Generated:
     mean_logprobs: list[float | None] | None = None  # per text, with_logprobs: its tokens' mean log-probability
 
 
-def pick_tokens(logits, temperature, generator, top_k: int = 50, order=None):
+def pick_tokens(logits, temperature, generator, top_k: int = 50, order=None, sampling=None):
     """Greedy at temperature 0; otherwise top-k sampling at the temperature: one for all rows, or
     one per row (a tensor), where the greedy rows draw no random numbers, so the sampled rows
     draw what they would in a batch of their own. `order` (a tensor of batch rows) is the order
     the rows take their random draws in, the batch's own by default: a row draws the same
-    numbers wherever compaction has moved it in the batch."""
+    numbers wherever compaction has moved it in the batch. With a temperature per row,
+    `sampling` is the slots that sample, in that order, as a caller that knows the rows' temperatures
+    on the host builds it (found here otherwise, by a boolean mask: a read of the device)."""
     import torch
     if not torch.is_tensor(temperature):
         return logits.argmax(-1) if temperature == 0 else sample(logits, temperature, generator, top_k, order)
     chosen = logits.argmax(-1)
-    slots = torch.arange(len(logits), device=logits.device) if order is None else order
-    sampling = slots[temperature[slots] > 0]  # the sampled rows' slots, in the rows' order
+    if sampling is None:
+        slots = torch.arange(len(logits), device=logits.device) if order is None else order
+        sampling = slots[temperature[slots] > 0]  # the sampled rows' slots, in the rows' order
     if len(sampling):
         chosen[sampling] = sample(logits[sampling], temperature[sampling, None], generator, top_k)
     return chosen
@@ -125,21 +129,34 @@ def compacted(keep: list[int]) -> tuple[list[int], list[int], list[int]]:
     return order, holes, movers
 
 
+def read_interval(device: str) -> int:
+    """Decode steps between reads of the chosen tokens back to the host. A read waits for the
+    device to finish every step queued before it. On the CPU nothing waits (the host is the
+    device): every step, so a row leaves the batch the step it stops. Elsewhere every 4 steps, so
+    the GPU has 4 steps queued while the host finds the rows that stopped; such a row runs on for
+    up to 3 steps whose tokens are dropped (sampled, it also takes random draws the rows after it
+    would otherwise have taken: other samples from the same distributions)."""
+    return 1 if device == "cpu" else 4
+
+
 def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | list[int],
                  temperature: float | list[float], max_new_tokens: int, line_done, generator,
-                 logprobs: list | None = None) -> tuple[list[list[int]], int, int]:
+                 logprobs: list | None = None, read_every: int | None = None) -> tuple[list[list[int]], int, int]:
     """Continue prompts with a KV cache. The prefix all prompts share (chat header, instruction)
     is prefilled once; the rest of each prompt is left-padded after it, and prefilled once for its
     `copies` samples; a row leaves the batch as soon as it stops (EOS, or `line_done` of its text
     at a newline token, when given), so finished rows cost nothing. `copies` and `temperature`:
     one for every prompt, or one per prompt (greedy and sampled rows share the batch). Returns
-    new tokens per row (a prompt's copies adjacent), tokens generated, and prompt positions
-    prefilled (padding included). A `logprobs` list receives, per row, the log-probability of
-    each new token under the model's own distribution (temperature 1, the whole vocabulary),
-    whatever temperature sampled it."""
+    new tokens per row (a prompt's copies adjacent), tokens generated (up to each row's stop,
+    included), and prompt positions prefilled (padding included). A `logprobs` list receives, per
+    row, the log-probability of each new token under the model's own distribution (temperature
+    1, the whole vocabulary), whatever temperature sampled it. The chosen tokens (and their
+    log-probabilities) stay on the device and are read back once every `read_every` steps
+    (read_interval's by default), in one transfer."""
     import torch
     copies, temperature = one_each(copies, len(prompts)), one_each(temperature, len(prompts))
     model, tok, device = lm.model, lm.tokenizer, lm.device
+    read_every = read_every or read_interval(device)
     shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)  # every row keeps a token
     base = model.get_base_model()
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -160,54 +177,82 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | l
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in suffixes], device=device)
     mask = torch.tensor([[1] * shared + [0] * (width - len(p)) + [1] * len(p) for p in suffixes], device=device)
     logits = next_logits(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0))
-    if max(copies) > 1:
-        repeats = copies[0] if len(set(copies)) == 1 else torch.tensor(copies, device=device)
-        cache.batch_repeat_interleave(repeats)
-        logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+    if len(set(copies)) > 1:  # each prompt's row once per copy, by an index built here (repeats in a
+        index = torch.tensor(per_row(range(len(prompts)), copies), device=device)  # tensor: a read)
+        cache.batch_select_indices(index)
+        logits, mask = logits[index], mask[index]
+    elif copies[0] > 1:
+        cache.batch_repeat_interleave(copies[0])
+        logits, mask = logits.repeat_interleave(copies[0], 0), mask.repeat_interleave(copies[0], 0)
     row_temperatures = per_row(temperature, copies)
-    temperature = (row_temperatures[0] if len(set(row_temperatures)) == 1
-                   else torch.tensor(row_temperatures, device=device))  # per slot, moved with its row
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
-    draw_order = None  # the slots in the rows' order, once compaction has moved rows
+    draw_order, sampling = None, None  # the slots in the rows' order, once compaction has moved rows
+    if len(set(row_temperatures)) == 1:
+        temperature = row_temperatures[0]
+    else:  # per slot, moved with its row; the sampled slots known here, not read from the device
+        temperature = torch.tensor(row_temperatures, device=device)
+        sampling = torch.tensor([slot for slot in rows if row_temperatures[slot] > 0], device=device)
     new_tokens = [[] for _ in rows]
     if logprobs is not None:
         logprobs.extend([] for _ in rows)
-    generated = 0
+    generated, unread, unread_logprobs = 0, [], []
     for step in range(max_new_tokens):
-        chosen = pick_tokens(logits, temperature, generator, order=draw_order)
-        generated += len(rows)
+        chosen = pick_tokens(logits, temperature, generator, order=draw_order, sampling=sampling)
+        unread.append(chosen)
         if logprobs is not None:
-            chosen_logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0].tolist()
-        keep = []
-        for slot, token in enumerate(chosen.tolist()):
-            row = rows[slot]
-            if token in lm.stop_ids:
-                continue
-            new_tokens[row].append(token)
-            if logprobs is not None:
-                logprobs[row].append(chosen_logprobs[slot])
-            if line_done and token in lm.newline_ids and line_done(
-                    tok.decode(new_tokens[row], skip_special_tokens=True)):
-                continue
-            keep.append(slot)
-        if not keep or step == max_new_tokens - 1:
-            break
-        if len(keep) < len(rows):
-            order, holes, movers = compacted(keep)
-            if holes:
-                holes, movers = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
-            for layer in cache.layers:
-                layer.drop_rows(holes, movers, len(keep))
-            index = torch.tensor(order, device=device)
-            mask, chosen = mask[index], chosen[index]
-            if torch.is_tensor(temperature):
-                temperature = temperature[index]
-            rows = [rows[slot] for slot in order]
-            # the rows draw their random numbers in their own order, as they did before any moved
-            draw_order = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__), device=device)
+            unread_logprobs.append(torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0])
+        last = step == max_new_tokens - 1
+        if len(unread) == read_every or last:
+            keep, generated = read_rows(lm, rows, unread, unread_logprobs, new_tokens, logprobs, line_done, generated)
+            unread, unread_logprobs = [], []
+            if not keep or last:
+                break
+            if len(keep) < len(rows):
+                order, holes, movers = compacted(keep)
+                if holes:
+                    holes, movers = torch.tensor(holes, device=device), torch.tensor(movers, device=device)
+                for layer in cache.layers:
+                    layer.drop_rows(holes, movers, len(keep))
+                index = torch.tensor(order, device=device)
+                mask, chosen = mask[index], chosen[index]
+                if torch.is_tensor(temperature):
+                    temperature = temperature[index]
+                rows = [rows[slot] for slot in order]
+                # the rows draw their random numbers in their own order, as they did before any moved
+                slots = sorted(range(len(rows)), key=rows.__getitem__)
+                draw_order = torch.tensor(slots, device=device)
+                if torch.is_tensor(temperature):
+                    sampling = torch.tensor([slot for slot in slots if row_temperatures[rows[slot]] > 0],
+                                            device=device)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = next_logits(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
     return new_tokens, generated, shared + len(prompts) * width
+
+
+def read_rows(lm: LanguageModel, rows: list[int], unread: list, unread_logprobs: list, new_tokens: list[list[int]],
+              logprobs: list | None, line_done, generated: int) -> tuple[list[int], int]:
+    """The chosen tokens of the steps since the last read (a tensor per step), read in one
+    transfer and added to each row's tokens up to its stop: EOS, or a newline where `line_done`
+    of the text says the row is done. Returns the slots still running, and `generated` plus the
+    tokens the rows took (each row's stop included, nothing after it)."""
+    import torch
+    tokens = torch.stack(unread, 1).tolist()  # slot x step
+    values = torch.stack(unread_logprobs, 1).tolist() if logprobs is not None else None
+    keep = []
+    for slot, row in enumerate(rows):
+        for k, token in enumerate(tokens[slot]):
+            generated += 1
+            if token in lm.stop_ids:
+                break
+            new_tokens[row].append(token)
+            if logprobs is not None:
+                logprobs[row].append(values[slot][k])
+            if line_done and token in lm.newline_ids and line_done(
+                    lm.tokenizer.decode(new_tokens[row], skip_special_tokens=True)):
+                break
+        else:
+            keep.append(slot)
+    return keep, generated
 
 
 def one_each(value, n: int) -> list:
@@ -332,7 +377,7 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
         prompts = list(dict.fromkeys(prompt for prompt, _ in pairs))  # distinct, in order of first use
         group = {prompt: g for g, prompt in enumerate(prompts)}
         rows = sorted(range(len(pairs)), key=lambda i: group[pairs[i][0]])  # the answers, by prompt
-        counts = torch.bincount(torch.tensor([group[pairs[i][0]] for i in rows]), minlength=len(prompts))
+        answers_of = [group[pairs[i][0]] for i in rows]  # each answer's prompt, ascending
         # the shared prefix, once; every prompt keeps a token, whose output predicts its answers' first
         shared = min(shared_prefix_length(prompts), min(map(len, prompts)) - 1)
         cache = DynamicCache()
@@ -347,9 +392,9 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
         last = decoder(input_ids=torch.tensor([[pad] * (width - len(r)) + r for r in rests], device=lm.device),
                        attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:].clamp(min=0),
                        past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
-        repeats = counts.to(lm.device)
-        cache.batch_repeat_interleave(repeats)
-        mask, last = mask.repeat_interleave(repeats, 0), last.repeat_interleave(repeats, 0)
+        index = torch.tensor(answers_of, device=lm.device)  # each prompt's row once per answer
+        cache.batch_select_indices(index)
+        mask, last = mask[index], last[index]
         # every answer after its prompt, right-padded
         answers = [pairs[i][1] for i in rows]
         width = max(map(len, answers))
@@ -360,13 +405,15 @@ def answer_logprobs(lm: LanguageModel, examples: list[dict], batch_size: int) ->
             position_ids=mask.sum(-1, keepdim=True) + torch.arange(width, device=lm.device),
             past_key_values=cache, use_cache=True).last_hidden_state
         predictors = torch.cat([last, hidden[:, :-1]], 1)  # the state before each answer token
-        targets = torch.tensor([a + [-100] * (width - len(a)) for a in answers], device=lm.device)
-        keep = targets != -100
-        logits = head(predictors[keep]).float()
-        picked = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
+        # the answer positions, row by row, by an index built here (a boolean mask is a read)
+        at = torch.tensor([r * width + k for r, a in enumerate(answers) for k in range(len(a))], device=lm.device)
+        logits = head(predictors.flatten(0, 1)[at]).float()
+        targets = torch.tensor([token for a in answers for token in a], device=lm.device)
+        picked = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+        means = torch.stack([row.mean() for row in picked.split([len(a) for a in answers])]).tolist()  # one read
         values = [0.0] * len(pairs)
-        for i, row in zip(rows, picked.split(keep.sum(1).tolist())):
-            values[i] = row.mean().item()
+        for i, mean in zip(rows, means):
+            values[i] = mean
         return values
 
     def score_share(share: list[dict]) -> list[float]:

@@ -107,6 +107,57 @@ def test_greedy_prompts_ride_in_a_sampled_batch(tiny_model_dir, monkeypatch):
     assert len(set(alone[:12])) > 6 and len({len(text) for text in alone}) > 3  # sampled, stopped at varied steps
 
 
+def test_reading_every_few_steps_keeps_each_rows_text_up_to_its_stop(tiny_model_dir):
+    """The chosen tokens read back once every 3 steps (a GPU's setting) instead of every step:
+    a row that stopped between reads runs on, but its tokens after the stop are dropped, so
+    greedy texts, their log-probabilities and the tokens counted are those of reading every step;
+    rows stopping by EOS and by line_done at a newline both. Sampled rows stop where their text
+    says (nothing after a stop token)."""
+    import dataclasses
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    with torch.no_grad():  # larger weights: greedy rows that write varied tokens, not one token again and again
+        for name, weight in lm.model.named_parameters():
+            weight.mul_(1 if "norm" in name else 6)
+    prompts = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task("list " + "/tmp/x " * k))) for k in range(1, 7)]
+    free, _, _ = support.decoder.decode_batch(dataclasses.replace(lm, stop_ids=frozenset()), prompts, copies=1,
+                                              temperature=0, max_new_tokens=16, line_done=None, generator=None)
+    # stops and newlines among the tokens the rows write, at varied steps
+    lm = dataclasses.replace(lm, stop_ids=frozenset(free[k][2 + 2 * k] for k in (0, 2, 4)),
+                             newline_ids=frozenset(free[k][1 + k] for k in (1, 3, 5)))
+    lines = []
+
+    def line_done(text):  # every second newline ends its row
+        lines.append(text)
+        return len(lines) % 2 == 0
+
+    def greedy(read_every, **kwargs):
+        logprobs = []
+        tokens, generated, _ = support.decoder.decode_batch(
+            lm, prompts, copies=2, temperature=0, max_new_tokens=16, generator=None, logprobs=logprobs,
+            read_every=read_every, **kwargs)
+        return tokens, generated, logprobs
+    assert support.decoder.read_interval("cpu") == 1 and support.decoder.read_interval("cuda:0") > 1
+    for line in (None, line_done):
+        lines.clear()
+        every_step = greedy(1, line_done=line)
+        lines.clear()
+        every_third = greedy(3, line_done=line)
+        assert every_third[0] == every_step[0] and every_third[1] == every_step[1]
+        assert [len(row) for row in every_third[2]] == [len(row) for row in every_step[2]]
+        assert sum(every_third[2], []) == pytest.approx(sum(every_step[2], []), abs=1e-5)
+        lengths = {len(t) for t in every_step[0]}
+        assert len(lengths) > 2 and min(lengths) < 16  # rows stopped at varied steps, some early
+        if line:  # some rows ended at a newline line_done accepted
+            assert any(row and row[-1] in lm.newline_ids and len(row) < 16 for row in every_step[0])
+    generator = torch.Generator().manual_seed(0)
+    sampled, generated, _ = support.decoder.decode_batch(lm, prompts, copies=3, temperature=[0.9, 0] * 3,
+                                                         max_new_tokens=16, line_done=None, generator=generator,
+                                                         read_every=4)
+    assert all(not lm.stop_ids & set(row) for row in sampled)
+    assert generated == sum(len(row) + (len(row) < 16) for row in sampled)  # each stop token counted once
+    assert sampled[3:6] == [greedy(1, line_done=None)[0][2]] * 3  # the greedy prompt's rows as without sampled ones
+
+
 def test_per_row_temperature_draws_as_one_temperature(tiny_model_dir):
     """pick_tokens with a temperature per row: all rows at one temperature take the very tokens
     of the one temperature (compaction's draw order too); rows at 0 take the argmax."""

@@ -199,6 +199,23 @@ def test_the_gpu_checks_cli_stage_keeps_its_evidence_when_the_run_times_out(tmp_
     assert cli["first_s"] >= 3 and "resumed_s" not in cli and isinstance(cli["first_tail"], str)
 
 
+def test_the_gpu_check_skips_what_its_budget_cannot_fit(tmp_path):
+    """--budget: the environment and the model's build always run; a stage whose estimate is
+    more than what is left is skipped and listed with why, none is started, and the JSON says so."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--budget", "1",
+                           "--out", str(out), "--scratch", str(tmp_path / "scratch")],
+                          capture_output=True, text=True, timeout=300)
+    figures = json.loads(out.read_text())
+    assert done.returncode == 0 and figures["failed"] == [], done.stdout[-2000:]
+    assert "environment" in figures and "build" in figures and figures["budget_s"] == 1
+    skipped = [entry["stage"] for entry in figures["skipped"]]
+    assert skipped == ["load_4bit", "decoder_vs_generate", "decode_steps", "qlora_steps", "cli", "stopping",
+                       "memory", "bf16", "collective"]
+    assert all("--budget" in entry["why"] for entry in figures["skipped"])
+    assert not any(stage in figures for stage in skipped) and "skipped (needs about" in done.stdout
+
+
 @pytest.mark.slow
 def test_the_decode_steps_bench_counts_fewer_steps_with_the_probe_folded(tiny_model_dir, tmp_path):
     """bench/decode_steps.py on the tiny model (rows run to the caps): the probe's own generate
@@ -233,6 +250,7 @@ def check_figures(figures: dict) -> None:
     decoder = figures["decoder_vs_generate"]
     assert decoder["within_tolerance"] and decoder["max_logprob_difference"] <= decoder["tolerance"], decoder
     assert set(figures["decode_steps"]["4bit"]) == {"150", "20", "4"}
+    assert set(figures["decode_steps"]["150_read_every"]) == {"1", "4"}
     qlora = figures["qlora_steps"]
     assert qlora["steps"] == 10 and qlora["lora_gradients_finite"] and qlora["lora_gradients_nonzero"]
     cli = figures["cli"]
@@ -271,3 +289,17 @@ def test_a_large_model_never_falls_back_to_the_cpu_by_accident(tmp_path, capsys)
     line = one_line_error(capsys)
     assert "cannot load it" in line and "parameters" not in line, line
     assert support.model.parameters_in_config(str(model_dir)) > support.model.LARGE_MODEL_PARAMETERS
+
+
+def test_make_install_takes_torch_from_another_index_when_asked():
+    """make install TORCH_INDEX=...: the pinned torch (the version in requirements.txt) from that
+    index first, before the rest; without it, no other index is named (a dry run: nothing installs)."""
+    pin = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch=="))
+    index = "https://download.pytorch.org/whl/cu128"
+    asked = subprocess.run(["make", "-n", "-B", "install", f"TORCH_INDEX={index}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60).stdout.splitlines()
+    plain = subprocess.run(["make", "-n", "-B", "install"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60).stdout
+    first_pip = next(k for k, line in enumerate(asked) if " pip install " in line)
+    assert asked[first_pip].endswith(f"--index-url {index} {pin}") and "-r requirements.txt" in asked[first_pip + 1]
+    assert "--index-url" not in plain and "-r requirements.txt" in plain

@@ -45,7 +45,7 @@ def test_newline_is_a_byte_token_and_generation_stops_at_the_first_command_line(
     script = [newline] + command + [newline] + tok("echo next line", add_special_tokens=False)["input_ids"]
     steps = iter(script)  # a leading empty line, the command, then more the model would have gone on with
 
-    def scripted(logits, temperature, generator, top_k=50, order=None):
+    def scripted(logits, temperature, generator, top_k=50, order=None, sampling=None):
         return torch.full((logits.shape[0],), next(steps), dtype=torch.long)
     monkeypatch.setattr(support.decoder, "pick_tokens", scripted)
     out = isi.generate(mistral, [isi.command_request(TASK)], temperature=0.7, max_new_tokens=40, stop_at_line=True,

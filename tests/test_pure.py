@@ -90,6 +90,9 @@ def test_label_masking_covers_prompt_and_padding_only():
     assert batch["labels"].tolist() == [[-100, -100, -100, 8, pad, -100, -100, -100],
                                         [-100, -100, -100, -100, 10, 11, 12, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0], [1] * 8]
+    # the loss is taken at the positions (row-major) whose next token is labelled, with those labels
+    assert batch["scored_at"].tolist() == [2, 3, 8 + 3, 8 + 4, 8 + 5, 8 + 6]
+    assert batch["scored_targets"].tolist() == [8, pad, 10, 11, 12, pad]
 
 
 def test_draw_tasks_is_seeded_and_never_draws_probe_tasks():
