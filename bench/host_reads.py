@@ -29,6 +29,37 @@ import time
 from pathlib import Path
 
 
+def is_read(func, args, kwargs) -> bool:
+    """Whether a PyTorch call reads a tensor's values to the host."""
+    import torch
+    tensor = torch.Tensor
+    if func in (tensor.item, tensor.tolist, tensor.__bool__, tensor.__int__, tensor.__float__, tensor.__index__,
+                tensor.numpy, tensor.cpu, tensor.nonzero, torch.nonzero, tensor.masked_select, torch.masked_select,
+                torch.unique, tensor.unique, torch.bincount, tensor.bincount, torch.equal, tensor.equal,
+                torch.allclose, tensor.allclose):
+        return True
+    if func in (tensor.__getitem__, tensor.__setitem__) and len(args) > 1:
+        items = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
+    if func in (torch.repeat_interleave, tensor.repeat_interleave):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return torch.is_tensor(repeats) and repeats.numel() > 1 and kwargs.get("output_size") is None
+    return False
+
+
+def counting_mode(on_read):
+    """A TorchFunctionMode that calls on_read(func) before every read (is_read) it sees."""
+    from torch.overrides import TorchFunctionMode
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if is_read(func, args, kwargs):
+                on_read(func)
+            return func(*args, **kwargs)
+    return HostReads()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(Path(__file__).resolve().parents[1]), help="the checkout to count in")
@@ -40,8 +71,6 @@ def main() -> int:
     root = Path(args.root).resolve()
     sys.path.insert(0, str(root))
     os.chdir(root)
-    import torch
-    from torch.overrides import TorchFunctionMode
     import intrinsic_self_improvement as isi
     import support.decoder
     setting = "every step (no read interval in this checkout)"
@@ -49,34 +78,14 @@ def main() -> int:
         read_every = args.read_every or support.decoder.read_interval("cuda")
         support.decoder.read_interval = lambda device: read_every
         setting = f"every {read_every} steps"
-
-    Tensor = torch.Tensor
-    reads = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__int__, Tensor.__float__, Tensor.__index__,
-             Tensor.numpy, Tensor.cpu, Tensor.nonzero, torch.nonzero, Tensor.masked_select, torch.masked_select,
-             torch.unique, Tensor.unique, torch.bincount, Tensor.bincount, torch.equal, Tensor.equal,
-             torch.allclose, Tensor.allclose}
     ours = (str(root / "intrinsic_self_improvement.py"), str(root / "support"))
     counts: collections.Counter = collections.Counter()
-
-    def is_mask(index) -> bool:
-        items = index if isinstance(index, tuple) else (index,)
-        return any(torch.is_tensor(i) and i.dtype == torch.bool for i in items)
-
-    def is_read(func, args, kwargs) -> bool:
-        if func in reads:
-            return True
-        if func in (Tensor.__getitem__, Tensor.__setitem__) and len(args) > 1:
-            return is_mask(args[1])
-        if func in (torch.repeat_interleave, Tensor.repeat_interleave):
-            repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-            return torch.is_tensor(repeats) and repeats.numel() > 1 and kwargs.get("output_size") is None
-        return False
 
     def where(func) -> str:
         """The innermost function of the project's code on the stack, and, where a library's code
         made the read, the library's function; then the read."""
         op = getattr(func, "__name__", str(func))
-        frame, library = sys._getframe(2), None
+        frame, library = sys._getframe(3), None
         while frame is not None:
             name = frame.f_code.co_filename
             if name.startswith(ours):
@@ -96,17 +105,13 @@ def main() -> int:
         return real_train(*args, **kwargs)
     isi.train_adapter = train_adapter
 
-    class HostReads(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if is_read(func, args, kwargs):
-                place = where(func)
-                if "optim/optimizer.py:_get_value" not in place:  # the step counts: host tensors on every device
-                    counts[phase["now"], place] += 1
-            return func(*args, **kwargs)
+    def count(func) -> None:
+        place = where(func)
+        if "optim/optimizer.py:_get_value" not in place:  # the step counts: host tensors on every device
+            counts[phase["now"], place] += 1
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out, HostReads():
+    with tempfile.TemporaryDirectory() as out, counting_mode(count):
         code = isi.main(["--cycles", "1", "--output", out, "--name", "count", *rest])
     print(f"\n{root}: decoder reads {setting} ({time.perf_counter() - start:.0f} s, exit {code})")
     totals = {}

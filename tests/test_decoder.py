@@ -158,6 +158,31 @@ def test_reading_every_few_steps_keeps_each_rows_text_up_to_its_stop(tiny_model_
     assert sampled[3:6] == [greedy(1, line_done=None)[0][2]] * 3  # the greedy prompt's rows as without sampled ones
 
 
+def test_the_decoder_reads_the_device_once_every_few_steps(tiny_model_dir):
+    """Counted with bench/host_reads.py's counter: at a read interval of 4, 16 steps of greedy and
+    sampled rows (a temperature per row, uneven copies) read the device 4 times, in one transfer
+    each (log-probabilities with them: 8), and never by a boolean mask or a tensor of repeats;
+    the model's own forward passes left out (transformers' mask check is not the decoder's)."""
+    import dataclasses
+    import host_reads
+    lm = support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"]))
+    lm = dataclasses.replace(lm, stop_ids=frozenset())  # every row runs the 16 steps
+    prompts = [isi.prompt_ids(lm.tokenizer, isi.command_request(isi.Task(f"list /tmp/{k}"))) for k in range(4)]
+    decoder_reads = []
+
+    def counted(func):
+        frame = sys._getframe(2)
+        if frame.f_code.co_filename == support.decoder.__file__:  # made by the decoder's own code
+            decoder_reads.append(func.__name__)
+    for logprobs, expected in ((None, ["tolist"] * 4), ([], ["tolist"] * 8)):
+        decoder_reads.clear()
+        with host_reads.counting_mode(counted):
+            support.decoder.decode_batch(lm, prompts, copies=[3, 1, 3, 1], temperature=[0.9, 0, 0.9, 0],
+                                         max_new_tokens=16, line_done=None, generator=torch.Generator().manual_seed(0),
+                                         logprobs=logprobs, read_every=4)
+        assert decoder_reads == expected
+
+
 def test_per_row_temperature_draws_as_one_temperature(tiny_model_dir):
     """pick_tokens with a temperature per row: all rows at one temperature take the very tokens
     of the one temperature (compaction's draw order too); rows at 0 take the argmax."""

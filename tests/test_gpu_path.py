@@ -1,8 +1,9 @@
 """The GPU path, checked on the CPU where it can be: the 4-bit configuration's dtypes (bitsandbytes'
 CPU backend runs the same layers), out-of-memory in training (the error simulated), gated hub
 models, no hub call at checkpoints, the probe riding in the fresh batch; and, on a machine with a
-GPU only, the prepared check itself on a tiny model (tests marked cuda). The decoder's cache
-compaction and its out-of-memory retry are in test_decoder.py."""
+GPU only, the prepared check itself on a tiny model (tests marked cuda); training's reads of the
+device, counted. The decoder's cache compaction, its out-of-memory retry and its reads of the
+device are in test_decoder.py."""
 import json
 import subprocess
 import sys
@@ -303,3 +304,25 @@ def test_make_install_takes_torch_from_another_index_when_asked():
     first_pip = next(k for k, line in enumerate(asked) if " pip install " in line)
     assert asked[first_pip].endswith(f"--index-url {index} {pin}") and "-r requirements.txt" in asked[first_pip + 1]
     assert "--index-url" not in plain and "-r requirements.txt" in plain
+
+
+def test_training_reads_the_device_once_an_epoch(tiny_model_dir):
+    """bench/host_reads.py's counter over one epoch of 3 steps: the script's own code reads the
+    device once (the losses and counts, after the epoch), not once a step, and counts the
+    tokens it trained on from the examples themselves."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_reads
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "2"])
+    lm = support.model.load_language_model(cfg)
+    tasks = [isi.Task(f"list the files in /tmp/{k}") for k in range(6)]
+    pairs = [(task, f"ls /tmp/{k}") for k, task in enumerate(tasks)]
+    reads = []
+
+    def counted(func):
+        if sys._getframe(2).f_code.co_filename == isi.__file__:
+            reads.append(func.__name__)
+    with host_reads.counting_mode(counted):
+        trained = isi.train_adapter(lm, cfg, pairs, seed=0)
+    assert trained["steps"] == 3 and reads == ["tolist"]
+    assert trained["command_tokens"] == sum(isi.labelled_tokens(isi.command_example(lm.tokenizer, t, c))
+                                            for t, c in pairs)
