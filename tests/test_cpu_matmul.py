@@ -179,6 +179,44 @@ def test_forced_choices_and_what_cannot_be_packed(tiny_model_dir, cache, monkeyp
     assert not cache.exists()
 
 
+def test_precision_auto_is_bf16_where_measured_clearly_faster_and_kept(tiny_model_dir, cache, monkeypatch):
+    """--precision auto on the CPU: the faster of torch's and the packed product in each dtype, at
+    the model's MLP shape from its config; bf16 at 90% of fp32's time or less, measured once per
+    machine and kept (a damaged entry measured again); the model line says what and why."""
+    timings = []
+
+    def measured(dtype, k, n):
+        timings.append((dtype, k, n))
+        return ({"plain": 1.0, "packed": 0.8} if dtype == torch.float32 else {"plain": 0.9, "packed": speed["bf16"]})
+    speed = {"bf16": 0.5}
+    monkeypatch.setattr(support.cpu_products, "time_products", measured)
+    monkeypatch.setattr(support.cpu_products, "cpu_bf16_arithmetic", lambda: True)
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"])
+    lm = support.model.load_language_model(cfg)
+    assert lm.dtype == "bfloat16" and timings == [(torch.float32, 64, 128), (torch.bfloat16, 64, 128)]
+    assert "compute bfloat16 (auto: bf16's products ran 1.60x as fast as fp32's" in support.model.describe_model(lm, cfg)
+    assert support.model.load_language_model(cfg).dtype == "bfloat16" and len(timings) == 2  # kept
+    precision = cache.with_name("cpu_precision.json")
+    (key, entry), = json.loads(precision.read_text()).items()
+    assert "torch " + torch.__version__ in key and key.endswith("64x128") and entry["seconds"] == {"fp32": 0.8, "bf16": 0.5}
+    speed["bf16"] = 0.75  # 94% of fp32's time: not clearly faster
+    for damaged in ("{not json", json.dumps({key: {"seconds": {"fp32": 0.8}}})):
+        precision.write_text(damaged)
+        assert support.model.load_language_model(cfg).dtype == "float32"
+    assert len(timings) == 6
+    assert support.model.load_language_model(isi.parse_config(["--model", str(tiny_model_dir), "--precision", "bf16"])
+                                             ).dtype == "bfloat16" and len(timings) == 6  # asked for: nothing measured
+
+
+def test_precision_auto_is_fp32_without_bf16_arithmetic(tiny_model_dir, cache, monkeypatch):
+    monkeypatch.setattr(support.cpu_products, "time_products", lambda *shape: pytest.fail("nothing to measure"))
+    monkeypatch.setattr(support.cpu_products, "cpu_bf16_arithmetic", lambda: False)
+    cfg = isi.parse_config(["--model", str(tiny_model_dir), "--device", "cpu"])
+    lm = support.model.load_language_model(cfg)
+    assert lm.dtype == "float32" and "(auto: this CPU has no bf16 arithmetic" in support.model.describe_model(lm, cfg)
+    assert not cache.with_name("cpu_precision.json").exists()
+
+
 def test_a_run_records_its_products_and_a_resume_with_others_says_so(tiny_model_dir, tmp_path, capsys):
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "r", "--cpu-matmul", "packed")) == 0
     assert read_progress(tmp_path / "r")["history"]["compute"]["matmul"] == "packed"
