@@ -68,7 +68,9 @@ from support.run_directory import (check_run_directory, hold_run_directory, load
                                    resumed_history, save_checkpoint, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
 from support import shellcheck
-from support.tasks import SLOT_PATTERN, TABLE_FORMATS, environment_script, load_domain
+from support.domain_eval import held_out_items, held_out_texts
+from support.tasks import (SLOT_PATTERN, TABLE_FORMATS, environment_script, gold_command, has_golds, load_domain,
+                           template_slots)
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +141,9 @@ class Config:
         "each cycle, trained on everything selected so far (ReST-EM)", ["previous", "base"])
     select: str = setting(
         "threshold", "threshold: train on the candidates --signal keeps (published); all: on every "
-        "candidate; random: on a random subset of the size the signal would keep",
-        ["threshold", "all", "random"])
+        "candidate; random: on a random subset of the size the signal would keep; oracle: on the "
+        "candidates whose execution matches their task's gold command (uses labels: the ceiling of any "
+        "selection; needs a domain with golds, as bash)", ["threshold", "all", "random", "oracle"])
     data: str = setting(
         "cycle",
         "cycle: train on this cycle's selection (published); cumulative: on every selection "
@@ -155,7 +158,9 @@ class Config:
     eval: str = setting(
         "none",
         "external evaluation: nl2bash runs the model's commands for InterCode's NL2Bash in a "
-        "sandbox", ["none", "nl2bash"])
+        "sandbox; domain: for the task domain's held-out tasks (about 150, never trained on), against "
+        "their gold commands (needs a domain with golds, as bash); nl2bash,domain: both",
+        ["none", "nl2bash", "domain", "nl2bash,domain"])
     eval_every: int = setting(
         1, "evaluate before cycle 1, every this many cycles, and after the last; 0: after the last "
         "cycle only (the untrained model's figures are the same for every seed and signal)")
@@ -296,7 +301,7 @@ class Task:
 def fill_template(template: dict, slots: dict, rng: random.Random) -> Task:
     if template.get("plain"):  # a task from a table: its text as it is, braces included
         return Task(template["task"], template.get("tool"))
-    slots_used = sorted(set(SLOT_PATTERN.findall(template["task"])))
+    slots_used, slots = sorted(set(SLOT_PATTERN.findall(template["task"]))), template_slots(template, slots)
     values = {slot: rng.choice(slots[slot]) for slot in slots_used}
     return Task(SLOT_PATTERN.sub(lambda m: values[m.group(1)], template["task"]), template.get("tool"))
 
@@ -866,10 +871,13 @@ def run_commands(sandbox, records: list[dict], team: Team = Team()) -> tuple[lis
     return runs, time.perf_counter() - start
 
 
-def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Team()) -> Stage:
+def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Team(),
+                     golds: list[str] | None = None) -> Stage:
     """EXECUTE: every usable command runs in the domain's file system; each record gets its
     verdict ("passed" or why not), a short record of the run, whether it is in its task's
-    agreement group (records come in runs of `copies` per task), and its execution ladder."""
+    agreement group (records come in runs of `copies` per task), and its execution ladder. With
+    `golds` (one per task, labels: for the oracle arm only), also gold_match: whether the run did
+    what the task's gold command does (the evaluation's reward of 1)."""
     runs, seconds = run_commands(sandbox, records, team)
     agreed = set()
     for first in range(0, len(records), copies):
@@ -884,6 +892,11 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
             "output": run.output[:EXECUTION_OUTPUT_KEPT]}
         executed.append(record | {"verdict": verdict, "passed": verdict == "passed",
                                   "agreed": i in agreed, "execution": details} | ladders[i])
+    if golds is not None:
+        gold_runs = team.spread(lambda share: sandbox.run_all(["domain"] * len(share), share), golds)
+        for i, run in enumerate(runs):
+            executed[i]["gold_match"] = run is not None and nl2bash.is_success(
+                nl2bash.intercode_reward(gold_runs[i // copies], run))
     return Stage(executed, {"execute_s": round(seconds, 3), "executed": sum(r is not None for r in runs)})
 
 
@@ -898,11 +911,12 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
     results are left out, said in one line)."""
     script = environment_script(domain)
-    needs = "execution" in signal_needs(*resolve_signal(cfg.signal))
+    asking = "--select oracle" if cfg.select == "oracle" else f"--signal {cfg.signal}"
+    needs = cfg.select == "oracle" or "execution" in signal_needs(*resolve_signal(cfg.signal))
     if script is None:
         if needs:
             raise UsageError(
-                f"--signal {cfg.signal} runs commands in the domain's file system, and the "
+                f"{asking} runs commands in the domain's file system, and the "
                 f"{domain_label(cfg)} domain has none (bash has one; a --tasks-file domain can "
                 f"declare one, see README.md)")
         return None
@@ -910,7 +924,7 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
         return Sandbox({"domain": (script, None)}, workers=sandbox_workers(cfg, team))
     except SandboxUnavailable as err:
         if needs:
-            raise UsageError(f"--signal {cfg.signal}: {err}") from None
+            raise UsageError(f"{asking}: {err}") from None
         print(f"execution off: {err}", flush=True)
         return None
 
@@ -1125,7 +1139,10 @@ def select_for_training(records: list[dict], mode: str, signal: tuple, rng: rand
                         copies: int, threshold: float, floor: float) -> list[int]:
     """SELECT. threshold: the candidates the signal keeps (kept_by_signal). all: every candidate
     with a command (no selection). random: a random subset of those, of exactly the size the
-    signal would keep."""
+    signal would keep. oracle: the candidates whose run matched their task's gold command's
+    (gold_match, a label: this arm is the ceiling, not a label-free signal)."""
+    if mode == "oracle":
+        return [i for i, r in enumerate(records) if r.get("gold_match")]
     kept = kept_by_signal(records, *signal, copies, threshold, floor)
     if mode == "threshold":
         return kept
@@ -1280,7 +1297,7 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
 
 def evaluation_items(cfg: Config) -> list[dict] | None:
     """The NL2Bash items to evaluate on (a fixed subset with --eval-limit), or None."""
-    if cfg.eval == "none":
+    if "nl2bash" not in cfg.eval:
         return None
     try:
         return nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
@@ -1291,25 +1308,25 @@ def evaluation_items(cfg: Config) -> list[dict] | None:
         raise UsageError(f"--eval-limit: {err}") from None
 
 
-def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict],
-                        cycle: int) -> tuple[dict | None, list[dict]]:
+def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[dict], cycle: int,
+                        benchmark: "Benchmark") -> tuple[dict | None, list[dict]]:
     """The model's greedy command for every benchmark query, in the prompt format it trains on,
     executed in the sandbox against the gold command; and the intrinsic score of the same
     command, so the run shows whether the intrinsic signal tracks real quality (Spearman).
     (None, []) where the sandbox cannot run: nothing is ever executed outside it."""
-    seed = stage_seed(cfg.seed, "eval", cycle)
-    written = generate_commands(lm, cfg, [Task(item["query"]) for item in items], copies=1,
-                                greedy=True, seed=seed, label="eval")
+    seed = stage_seed(cfg.seed, benchmark.key, cycle)
+    written = generate_commands(lm, cfg, [Task(item["query"], item.get("tool")) for item in items], copies=1,
+                                greedy=True, seed=seed, label=benchmark.key)
     start = time.perf_counter()
     try:
         results = nl2bash.score_in_sandbox(items, [r["command"] for r in written.records],
-                                           sandbox_workers(cfg, lm.team), lm.team)
+                                           sandbox_workers(cfg, lm.team), lm.team, benchmark.setups)
     except SandboxUnavailable as err:  # nothing is ever executed outside it
         print(f"  eval    skipped: {err}", flush=True)
         return None, []
     execute_s = time.perf_counter() - start
     judged = judge_commands(lm, embedder, cfg, written.records, frozen=cfg.judge == "frozen",
-                            greedy=True, seed=seed, label="eval")
+                            greedy=True, seed=seed, label=benchmark.key)
     records = [{"id": item["id"], "difficulty": item["difficulty"]} | r | {
         k: result[k] for k in ("reward", "success", "nlc2cmd", "exact", "timed_out", "beats_reward",
                                "nothing_reward", "trivial_item", "gold_broken")}
@@ -1321,8 +1338,46 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
         "mean_intrinsic_score": round(sum(scores) / len(scores), 4) if scores else 0.0,
         **score_correlations(records),
         "seconds": round(sum(timing.values()), 3), "timing": timing}
-    log_evaluation(summary)
+    log_evaluation(summary, benchmark.label)
     return summary, records
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An evaluation from outside the loop: its key in progress.json (the cycle's entry; "<key>_
+    initial" before training) and its files (<key>_cycle_N.jsonl), its label in the output, and
+    the sandbox's file systems (None: NL2Bash's)."""
+    key: str
+    label: str
+    setups: dict | None = None
+
+
+def benchmarks(cfg: Config, domain: dict) -> list[tuple[Benchmark, list[dict]]]:
+    """The run's evaluations with their items: NL2Bash (eval), the domain's held-out tasks
+    (eval_domain; check_golds_there has checked the domain can)."""
+    chosen = []
+    items = evaluation_items(cfg)
+    if items:
+        chosen.append((Benchmark("eval", "eval"), items))
+    if "domain" in cfg.eval:
+        chosen.append((Benchmark("eval_domain", "eval domain", {"domain": (environment_script(domain), None)}),
+                       held_out_items(domain)))
+    return chosen
+
+
+def check_golds_there(cfg: Config, domain: dict) -> None:
+    """--eval domain and --select oracle need every template's gold command, and a file system
+    to run them in: one error line where the domain lacks them."""
+    asking = [flag for flag, asked in (("--eval domain", "domain" in cfg.eval),
+                                       ("--select oracle", cfg.select == "oracle")) if asked]
+    if asking and not has_golds(domain):
+        raise UsageError(f"{' and '.join(asking)} compare commands with their tasks' gold commands, and the "
+                         f"{domain_label(cfg)} domain has none for some of its templates (bash has them; a "
+                         f"--tasks-file domain can carry a 'gold' per template, see docs/tasks.md)")
+    if asking and environment_script(domain) is None:
+        raise UsageError(f"{' and '.join(asking)} run commands in the domain's file system, and the "
+                         f"{domain_label(cfg)} domain has none (a --tasks-file domain can declare one, see "
+                         f"docs/tasks.md)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1331,17 +1386,17 @@ def external_evaluation(lm: LanguageModel, embedder, cfg: Config, items: list[di
 
 def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict, index: int,
                 probe_tasks: list[Task]) -> tuple[Stage, list[dict]]:
-    """GENERATE, INVERT, SCORE on fresh tasks (never probe tasks), `--candidates` sampled
+    """GENERATE, INVERT, SCORE on fresh tasks (never the probe's or the held-out set's), `--candidates` sampled
     commands each; and each command executed where the domain has a sandbox. The probe's tasks
     ride along in the same decoding passes, greedy, one command each (the sampled rows draw as
     they would alone): returned apart, generated, inverted and scored by the run's judge."""
     seed, rng = stage_seed(cfg.seed, "batch",
                            index), random.Random(stage_seed(cfg.seed, "tasks", index))
-    probe_texts = frozenset(t.text for t in probe_tasks)
+    never = frozenset(t.text for t in probe_tasks) | held_out_texts(domain)  # measured, never trained on
     if cfg.task_source == "model":
-        tasks, task_info = write_tasks(lm, cfg, domain, cfg.tasks, rng, seed, probe_texts)
+        tasks, task_info = write_tasks(lm, cfg, domain, cfg.tasks, rng, seed, never)
     else:
-        tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=probe_texts), {}
+        tasks, task_info = draw_tasks(domain, cfg.tasks, rng, exclude=never), {}
     signal = resolve_signal(cfg.signal)
     stage = run_stage(lm, embedder, cfg, tasks + probe_tasks,
                       copies=[cfg.candidates] * len(tasks) + [1] * len(probe_tasks),
@@ -1350,7 +1405,8 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
                       certainty="certainty" in signal_needs(*signal))
     sampled = len(tasks) * cfg.candidates  # the batch's records come first, the probe's after
     records, probe_records = stage.records[:sampled], stage.records[sampled:]
-    executed = (execute_commands(sandbox, records, cfg.candidates, lm.team) if sandbox
+    golds = [gold_command(domain, t.text) for t in tasks] if cfg.select == "oracle" else None
+    executed = (execute_commands(sandbox, records, cfg.candidates, lm.team, golds) if sandbox
                 else Stage(records, {}))
     floor = ladder_floor(shellcheck.shellcheck_available())
     needed = likelihood_needed(cfg, signal, executed.records, cfg.candidates, floor)
@@ -1399,7 +1455,7 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
 
 
 def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Path,
-                  probe_judged: list[dict], eval_items: list[dict] | None) -> dict:
+                  probe_judged: list[dict], evaluations: list) -> dict:
     """A new run's history, with cycle 0: the untrained model's probe (`probe_judged`: its
     commands, judged in the first batch's passes) and evaluation."""
     # processes[c]: how many processes ran cycle c (0: the untrained model's probe and evaluation)
@@ -1408,22 +1464,22 @@ def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Pa
     history["probe_initial"], records = probe(lm, embedder, sandbox, cfg, probe_judged, 0)
     if lm.team.main:
         write_jsonl(run_dir / "probe_cycle_0.jsonl", records)
-    if eval_items and cfg.eval_every:
-        history["eval_initial"], records = external_evaluation(lm, embedder, cfg, eval_items, 0)
+    for benchmark, items in evaluations if cfg.eval_every else []:
+        history[f"{benchmark.key}_initial"], records = external_evaluation(lm, embedder, cfg, items, 0, benchmark)
         if lm.team.main:
-            write_jsonl(run_dir / "eval_cycle_0.jsonl", records)
+            write_jsonl(run_dir / f"{benchmark.key}_cycle_0.jsonl", records)
     return history
 
 
 def start_or_resume(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Path, saved: dict | None,
-                    domain: dict, probe_tasks: list[Task], eval_items) -> tuple[dict, Stage, list[dict], int]:
+                    domain: dict, probe_tasks: list[Task], evaluations) -> tuple[dict, Stage, list[dict], int]:
     """The history, the batch the next cycle trains on, the pool of selected pairs, and that
     cycle's number: a new run's cycle 0 (the untrained model's first batch, probe and evaluation),
     or what a resumed run's last checkpoint holds."""
     if saved is None:
         print("cycle 0 (before any training)", flush=True)
         pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks)
-        return start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, eval_items), pending, [], 1
+        return start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, evaluations), pending, [], 1
     last = saved["last_completed_cycle"]
     records, timing, pool = load_checkpoint(lm, run_dir, last)
     print(f"resuming {run_dir} after cycle {last}", flush=True)
@@ -1456,17 +1512,17 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     commands in the domain's file system (None: not run). Every process of the team runs it;
     only the main one writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
-                             distinct=True)
+                             exclude=held_out_texts(domain), distinct=True)
     # the other processes learn whether the main one could write the run directory
     team.together(lambda: prepare_run_directory(run_dir, saved["last_completed_cycle"] if saved else -1)
                   if team.main else None)
-    eval_items = evaluation_items(cfg)
+    evaluations = benchmarks(cfg, domain)
     signal, floor = resolve_signal(cfg.signal), ladder_floor(shellcheck.shellcheck_available())
     started = time.perf_counter()
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
     history, pending, pool, first_cycle = start_or_resume(lm, embedder, sandbox, cfg, run_dir, saved, domain,
-                                                          probe_tasks, eval_items)
+                                                          probe_tasks, evaluations)
 
     # The loop is pipelined: the batch a cycle trains on was generated, inverted and scored at the
     # end of the cycle before, by the model as it was then (cycle 1's, by the untrained model).
@@ -1502,11 +1558,13 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
 
         # PROBE and EVALUATE: the fixed probe tasks, greedy; NL2Bash, executed
         probe_summary, probe_records = probe(lm, embedder, sandbox, cfg, probe_judged, cycle)
-        evaluation = None
-        if eval_items and ((cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles):
-            evaluation, records = external_evaluation(lm, embedder, cfg, eval_items, cycle)
-            if team.main:
-                write_jsonl(run_dir / f"eval_cycle_{cycle}.jsonl", records)
+        evaluated = {"eval": None}  # NL2Bash's (None when off), and the domain's held-out tasks' where asked
+        for benchmark, items in evaluations:
+            evaluated[benchmark.key] = None
+            if (cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles:
+                evaluated[benchmark.key], records = external_evaluation(lm, embedder, cfg, items, cycle, benchmark)
+                if team.main:
+                    write_jsonl(run_dir / f"{benchmark.key}_cycle_{cycle}.jsonl", records)
 
         # SAVE: the cycle's examples and checkpoint, then its figures (progress.json last marks it done)
         if team.main:
@@ -1516,7 +1574,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
         previous_probe = history["cycles"][-1]["probe"] if history["cycles"] else history["probe_initial"]
         entry = {"cycle": cycle, "before": before, "after": after,
                  "improvement": round(after["mean_score"] - before["mean_score"], 4),
-                 "probe": probe_summary, "training": training, "eval": evaluation,
+                 "probe": probe_summary, "training": training, **evaluated,
                  "collapse": collapse_reasons(after["health"]),
                  "signal_up_execution_down": signal_up_execution_down(cfg.signal, previous_probe, probe_summary),
                  "timing": {"before": before_stage.timing, "after": after_stage.timing,
@@ -1539,6 +1597,10 @@ def run(cfg: Config, team: Team = Team()) -> dict:
     run_dir = run_directory(cfg)
     saved = check_run_directory(run_dir, cfg, experiment_settings(cfg), CONFIG_DEFAULTS)
     domain = load_domain(cfg.tasks_file, cfg.domain)
+    check_golds_there(cfg, domain)
+    if cfg.select == "oracle" and team.main:
+        print("note: --select oracle trains on the candidates that match their task's gold command: it uses "
+              "labels (the ceiling of any selection), it is not a label-free signal", flush=True)
     team.wait()  # every process has read the run directory before the main process tidies it
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "

@@ -222,6 +222,9 @@ def cpu_bf16_arithmetic() -> bool:
 # bf16 where its products take at most this share of fp32's time: the two dtypes draw different
 # samples, so the choice changes only for a clear gain
 BF16_SHARE = 0.9
+# below this many weights in the largest product (a test's 64 x 128 model), a product's time is
+# mostly the call's overhead: fp32, without measuring (the embedded model's is 576 x 1536)
+SMALLEST_BF16_PRODUCT = 2 ** 18
 
 
 def choose_cpu_precision(k: int, n: int) -> tuple[str, str]:
@@ -229,10 +232,13 @@ def choose_cpu_precision(k: int, n: int) -> tuple[str, str]:
     the products with the model's largest weight ([m x k] x [k x n] at m = 8, 150 and 445, the
     faster of torch's own and packed for each dtype) take at most 90% of fp32's time, measured
     once per CPU, torch version and shape and kept in the cache folder (cpu_precision.json), so
-    every run on a machine makes the same choice; fp32 on a CPU without bf16 arithmetic."""
+    every run on a machine makes the same choice; fp32 on a CPU without bf16 arithmetic, and for
+    a model whose products are too small to measure (SMALLEST_BF16_PRODUCT)."""
     import torch
     if not cpu_bf16_arithmetic():
         return "fp32", "auto: this CPU has no bf16 arithmetic (neither AVX512-BF16 nor AMX)"
+    if k * n < SMALLEST_BF16_PRODUCT:
+        return "fp32", f"auto: the model's products ({k}x{n}) are too small for bf16 to gain"
     key = f"{cpu_identity()} | torch {torch.__version__} | {k}x{n}"
 
     def measure() -> dict:
@@ -244,7 +250,7 @@ def choose_cpu_precision(k: int, n: int) -> tuple[str, str]:
                                 for d in ("fp32", "bf16")))["seconds"]
     choice = "bf16" if seconds["bf16"] <= BF16_SHARE * seconds["fp32"] else "fp32"
     return choice, (f"auto: bf16's products ran {seconds['fp32'] / seconds['bf16']:.2f}x as fast as fp32's on "
-                    f"this CPU, measured once and kept in {cache_root() / 'cpu_precision.json'}")
+                    f"this CPU, measured once, kept in cpu_precision.json in the cache folder")
 
 
 def use_cpu_matmul(lm: "LanguageModel", cfg, team: Team = Team()) -> None:

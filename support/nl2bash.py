@@ -186,12 +186,14 @@ def aggregate(results: list[dict]) -> dict:
             "nlc2cmd": mean("nlc2cmd"), "exact_match": mean("exact")}
 
 
-def score_in_sandbox(items: list[dict], commands: list[str], workers: int, team) -> list[dict]:
+def score_in_sandbox(items: list[dict], commands: list[str], workers: int, team, setups: dict | None = None
+                     ) -> list[dict]:
     """Each item's command scored against its gold command and against doing nothing, in a sandbox
-    built afresh (gold outputs of time-relative queries, `find -mmin`, age). Each process of a
-    `team` scores its share; a sandbox missing on one process stops all (SandboxUnavailable)."""
+    built afresh (gold outputs of time-relative queries, `find -mmin`, age), of the benchmark's
+    file systems or `setups` (Evaluator's). Each process of a `team` scores its share; a sandbox
+    missing on one process stops all (SandboxUnavailable)."""
     def execute(share: list[dict], mine: list[str]) -> list[dict]:
-        with Evaluator(share, workers=workers) as evaluator:
+        with Evaluator(share, setups, workers=workers) as evaluator:
             return evaluator.score(mine, against_nothing=True)
     return team.spread(lambda share, mine: team.together(lambda: execute(share, mine), SandboxUnavailable),
                        items, commands)
@@ -221,16 +223,19 @@ def without_shell_complaints(run):
 
 class Evaluator(Sandbox):
     """The benchmark's file systems (InterCode's setup scripts, one per group), each gold command
-    run once; then scores any number of candidate lists against the gold runs. Arguments as
-    Sandbox's after `items`. After construction: build_seconds, gold_seconds, gold_runs (one
-    Execution per item)."""
+    run once; then scores any number of candidate lists against the gold runs. `setups`: other
+    file systems, by the items' group (a task domain's: {"domain": (script, None)}); the
+    benchmark's by default. Other arguments as Sandbox's. After construction: build_seconds,
+    gold_seconds, gold_runs (one Execution per item)."""
 
-    def __init__(self, items: list[dict], **sandbox):
+    def __init__(self, items: list[dict], setups: dict | None = None, **sandbox):
         self.items = list(items)
-        scripts = {g: icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh") for g in sorted({item["group"] for item in items})}
-        # group 5's `#!/bin/sh` is BusyBox in InterCode, whose echo interprets -e like bash's,
-        # not dash's: every script runs with bash
-        super().__init__({g: (path.read_text(), path.name) for g, path in scripts.items()}, **sandbox)
+        if setups is None:
+            scripts = {g: icalfa_asset(f"docker/setup_nl2b_fs_{g}.sh") for g in sorted({i["group"] for i in items})}
+            # group 5's `#!/bin/sh` is BusyBox in InterCode, whose echo interprets -e like bash's,
+            # not dash's: every script runs with bash
+            setups = {g: (path.read_text(), path.name) for g, path in scripts.items()}
+        super().__init__(setups, **sandbox)
         try:
             started = time.monotonic()
             self.gold_runs = self.run_items([item["gold"] for item in self.items])

@@ -54,9 +54,10 @@ def log_training(training: dict) -> None:
               f"{training['train_s']:.1f}s ({training['train_tokens_per_s']} tok/s)", flush=True)
 
 
-def log_evaluation(summary: dict) -> None:
+def log_evaluation(summary: dict, label: str = "eval") -> None:
     timing = summary["timing"]
-    print(f"  eval    NL2Bash n={summary['n']}: success {summary['success_rate']:.3f}, reward "
+    what = "NL2Bash" if label == "eval" else "held-out tasks"
+    print(f"  {label:<7} {what} n={summary['n']}: success {summary['success_rate']:.3f}, reward "
           f"{summary['mean_reward']:.3f}, NLC2CMD {summary['nlc2cmd']:.3f}, exact "
           f"{summary['exact_match']:.3f}; spearman(intrinsic, success) {summary['spearman_score_success']}"
           f" | generate {timing['generate_s']:.1f}s, execute {timing['execute_s']:.1f}s, judge "
@@ -95,6 +96,9 @@ def write_results(run_dir: Path, history: dict, wall_s: float | None) -> dict:
                "after_last": last["after"]["mean_score"],
                "eval_success_initial": (history.get("eval_initial") or {}).get("success_rate"),
                "eval_success_final": (last.get("eval") or {}).get("success_rate"),
+               **({"eval_domain_success_initial": (history.get("eval_domain_initial") or {}).get("success_rate"),
+                   "eval_domain_success_final": (last.get("eval_domain") or {}).get("success_rate")}
+                  if "eval_domain" in last else {}),
                **pooled_correlations(evaluated),
                "total_generated": history["total_generated"], "total_accepted": history["total_accepted"],
                # Goodhart's mark: the probe's signal score rose while its execution pass rate fell
@@ -185,7 +189,9 @@ def plot_progress(history: dict, path: Path) -> None:
             ("success rate", ("eval", "success_rate"), "eval_initial"),
             ("mean reward", ("eval", "mean_reward"), "eval_initial"),
             ("NLC2CMD score", ("eval", "nlc2cmd"), "eval_initial"),
-            ("exact match", ("eval", "exact_match"), "eval_initial")]),
+            ("exact match", ("eval", "exact_match"), "eval_initial"),
+            ("held-out tasks: success", ("eval_domain", "success_rate"), "eval_domain_initial"),
+            ("held-out tasks: mean reward", ("eval_domain", "mean_reward"), "eval_domain_initial")]),
         (axes[1][0], "command-token training loss", [
             ("first step", ("training", "loss_first"), None), ("last step", ("training", "loss_last"), None),
             ("mean", ("training", "loss_mean"), None)]),
@@ -289,31 +295,33 @@ def evaluated_items(path: Path, groups: tuple[int, ...] | None) -> dict:
 
 
 def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
-                   groups: tuple[int, ...] | None) -> list[str]:
+                   groups: tuple[int, ...] | None, key: str = "eval") -> list[str]:
     """Each kind of run (its seeds' final evaluations) against the untrained model on the same
-    items: eval_cycle_0.jsonl of --baseline, or of the first run that has one."""
+    items: <key>_cycle_0.jsonl of --baseline, or of the first run that has one (key: eval,
+    NL2Bash; eval_domain, the domain's held-out tasks)."""
     from support.statistics import against_baseline
     candidates = [baseline] if baseline is not None else list(runs)
-    path = next((Path(d) / "eval_cycle_0.jsonl" for d in candidates if (Path(d) / "eval_cycle_0.jsonl").is_file()),
-                None)
+    first = f"{key}_cycle_0.jsonl"
+    path = next((Path(d) / first for d in candidates if (Path(d) / first).is_file()), None)
     if path is None:
-        if baseline is not None:
+        if baseline is not None and key == "eval":
             raise UsageError(f"compare: --baseline {baseline} holds no eval_cycle_0.jsonl (the untrained model's "
                              f"evaluation)")
         return []
     base = evaluated_items(path, groups)
-    lines = ["", f"against the untrained model ({path}), final evaluations; per item the mean over seeds; "
+    what = "NL2Bash" if key == "eval" else "the domain's held-out tasks"
+    lines = ["", f"{what}: against the untrained model ({path}), final evaluations; per item the mean over seeds; "
              "95% bootstrap intervals over items (paired for the change); McNemar's exact test per seed "
              "(items only the arm solves / only the untrained model solves, p):"]
-    for key, dirs in groups_of_runs.items():
-        finals = [Path(d) / f"eval_cycle_{len(runs[d]['cycles'])}.jsonl" for d in dirs if runs[d]["cycles"]]
+    for kind_key, dirs in groups_of_runs.items():
+        finals = [Path(d) / f"{key}_cycle_{len(runs[d]['cycles'])}.jsonl" for d in dirs if runs[d]["cycles"]]
         if not finals or not all(f.is_file() for f in finals):
             continue
         try:
             f = against_baseline([evaluated_items(p, groups) for p in finals], base)
         except ValueError:
             continue
-        kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
+        kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(kind_key)).items())
         tests = ", ".join(f"{t['only_treated']}/{t['only_control']} p={t['p']:.2f}" for t in f["mcnemar"])
         lines.append(
             f"  {kind} ({f['seeds']} seeds, {f['items']} items): success {f['success']:.3f} "
@@ -368,6 +376,7 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
             kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(key)).items())
             lines.append(f"  {kind} ({len(dirs)} seeds): " + ", ".join(parts))
     lines += baseline_lines(runs, groups_of_runs, baseline, groups)
+    lines += baseline_lines(runs, groups_of_runs, baseline, None, key="eval_domain")
 
     import matplotlib
     matplotlib.use("Agg")

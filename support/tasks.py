@@ -4,8 +4,12 @@ checked by one loader; and the file system built from a domain for executing com
 A domain is templates with {slots} (docs/tasks.md has the format); a table of plain tasks
 (.jsonl, .csv, .parquet, or a hub dataset) becomes a domain of fixed tasks.
 
+A template may carry a gold command with the same slots (a label: it feeds only the evaluation in
+the domain and the oracle arm, never a signal): gold_command finds a task's.
+
 The rest may call: load_domain, builtin_domain, check_domain, load_task_table, environment_script,
-read_domain_file, SLOT_PATTERN, TABLE_FORMATS, DOMAINS.
+read_domain_file, template_slots, fill, template_pattern, gold_command, has_golds, SLOT_PATTERN,
+TABLE_FORMATS, DOMAINS.
 """
 import json
 import random
@@ -46,13 +50,27 @@ def check_domain(domain, source: str) -> dict:
     for i, template in enumerate(templates):
         if not isinstance(template, dict) or not isinstance(template.get("task"), str) or not template["task"].strip():
             fail(f"templates[{i}] must be an object with a non-empty string 'task'")
-        if set(template) - {"task", "tool"}:
-            fail(f"templates[{i}] has unknown key(s) {sorted(set(template) - {'task', 'tool'})}")
+        if set(template) - {"task", "tool", "gold", "slots"}:
+            fail(f"templates[{i}] has unknown key(s) {sorted(set(template) - {'task', 'tool', 'gold', 'slots'})}")
         if "tool" in template and not (isinstance(template["tool"], str) and template["tool"].strip()):
             fail(f"templates[{i}].tool must be a non-empty string")
         for slot in SLOT_PATTERN.findall(template["task"]):
             if slot not in slots:
                 fail(f"templates[{i}] uses slot {{{slot}}}, which is not in 'slots'")
+        own = template.get("slots", {})
+        if not isinstance(own, dict):
+            fail(f"templates[{i}].slots must be an object: the values this template draws, by slot")
+        for slot, values in own.items():
+            if slot not in SLOT_PATTERN.findall(template["task"]):
+                fail(f"templates[{i}].slots names {{{slot}}}, which its task does not use")
+            if not (isinstance(values, list) and values and set(values) <= set(slots.get(slot, ()))):
+                fail(f"templates[{i}].slots.{slot} must be a non-empty list of values of slots.{slot}")
+        if "gold" in template:
+            if not (isinstance(template["gold"], str) and template["gold"].strip()):
+                fail(f"templates[{i}].gold must be a non-empty string (a command with the task's slots)")
+            extra = set(SLOT_PATTERN.findall(template["gold"])) - set(SLOT_PATTERN.findall(template["task"]))
+            if extra:
+                fail(f"templates[{i}].gold uses slot(s) {sorted(extra)} its task does not name")
     if "environment" in domain:
         check_environment(domain["environment"], slots, fail)
     return domain
@@ -134,6 +152,57 @@ def read_domain_file(path: Path, source: str) -> dict:
     except json.JSONDecodeError as err:
         raise UsageError(f"{source}: not valid JSON ({err})") from None
     return check_domain(domain, source)
+
+
+def template_slots(template: dict, slots: dict) -> dict:
+    """The values a template draws for each slot: the domain's, or the template's own subset
+    (where its gold command needs it: the files that hold a pattern, the directories with files
+    of an extension)."""
+    return slots | template.get("slots", {})
+
+
+def fill(text: str, values: dict) -> str:
+    """A template's text (its task or its gold) with its slots filled."""
+    return SLOT_PATTERN.sub(lambda m: values[m.group(1)], text)
+
+
+def template_pattern(template: dict, slots: dict) -> re.Pattern:
+    """A regular expression that matches exactly the tasks the template makes, each slot's value
+    (one of its values, the longest first) captured under the slot's name."""
+    slots = template_slots(template, slots)
+    parts, seen, last = [], set(), 0
+    for m in SLOT_PATTERN.finditer(template["task"]):
+        parts.append(re.escape(template["task"][last:m.start()]))
+        slot = m.group(1)
+        if slot in seen:
+            parts.append(f"(?P={slot})")
+        else:
+            seen.add(slot)
+            parts.append(f"(?P<{slot}>" + "|".join(re.escape(v) for v in sorted(slots[slot], key=len, reverse=True)) + ")")
+        last = m.end()
+    parts.append(re.escape(template["task"][last:]))
+    return re.compile("".join(parts))
+
+
+def gold_command(domain: dict, task_text: str) -> str | None:
+    """A task's known answer (a label: for evaluation and the oracle arm only): the gold command of
+    the domain's first template with one that makes this task, with the task's slot values; None
+    where no such template makes it."""
+    slots = domain.get("slots", {})
+    for template in domain["templates"]:
+        if "gold" not in template:
+            continue
+        if template.get("plain"):  # a table's task: its text as it is
+            if template["task"] == task_text:
+                return template["gold"]
+        elif found := template_pattern(template, slots).fullmatch(task_text):
+            return fill(template["gold"], found.groupdict())
+    return None
+
+
+def has_golds(domain: dict) -> bool:
+    """Whether every template of the domain carries a gold command."""
+    return all("gold" in template for template in domain["templates"])
 
 
 # ---------------------------------------------------------------------------------------------
