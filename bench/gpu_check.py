@@ -163,6 +163,7 @@ class Check:
             if isinstance(err, KeyboardInterrupt):
                 raise
             self.figures["failed"].append({"stage": name, "error": f"{type(err).__name__}: {err}"[:1000],
+                                           "seconds": round(time.perf_counter() - start, 2),
                                            "traceback": traceback.format_exc()[-3000:]})
             print(f"  FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
         self.write()

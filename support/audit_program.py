@@ -26,22 +26,26 @@ from support.model import EMBEDDED_MODEL, compute_record, load_models
 from support.run_directory import hold_run_directory, load_adapter, read_progress, write_json, write_jsonl
 from support.sandbox import Sandbox, SandboxUnavailable
 from support import shellcheck as static_analyser
+from support.domain_eval import held_out_items
 from support.tasks import environment_script, load_domain
 from support.team import Team, join_team
 
 FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold", "judge",
-         "seed", "domain", "tasks_file", "eval_limit", "eval_fs", "eval_workers", "embedder",
+         "seed", "domain", "tasks_file", "eval", "eval_limit", "eval_fs", "eval_workers", "embedder",
          "device", "precision", "quantize", "cpu_matmul", "max_command_tokens",
          "max_inversion_tokens", "gen_batch_size", "output", "name")
-DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None}
+DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None, "eval": "nl2bash"}
 RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device"}
+# the audit's items and truth: NL2Bash's, or the domain's held-out tasks against their gold commands
+AUDITED_ON = ("nl2bash", "domain")
 
 
 def parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="intrinsic_self_improvement.py audit", allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every label-free signal against execution truth on NL2Bash: for each "
+        description="Score every label-free signal against execution truth on NL2Bash (or, with "
+        "--eval domain, on the task domain's held-out tasks against their gold commands): for each "
         "item, --candidates sampled commands and the greedy one, every signal computed for each, "
         "and InterCode's reward against the gold command; AUROC, Spearman and top-1 reranking "
         "with bootstrap intervals over items (docs/audit.md). The same command continues a "
@@ -103,11 +107,36 @@ def audit_config(args: argparse.Namespace) -> isi.Config:
                              f"not {values['model']}")
         values |= {k: trained[k] for k in ("model", "lora_r", "lora_alpha", "lora_dropout")}
     values["model"] = values["model"] or EMBEDDED_MODEL
-    cfg = isi.validate(isi.Config(**values, eval="nl2bash"))
-    if environment_script(load_domain(cfg.tasks_file, cfg.domain)) is None:
+    if values["eval"] not in AUDITED_ON:
+        raise UsageError(f"audit --eval: nl2bash (InterCode's items) or domain (the task domain's held-out "
+                         f"tasks), got {values['eval']}")
+    cfg = isi.validate(isi.Config(**values))
+    domain = load_domain(cfg.tasks_file, cfg.domain)
+    if environment_script(domain) is None:
         raise UsageError(f"audit runs commands in the domain's file system, and the "
                          f"{isi.domain_label(cfg)} domain has none (bash has one)")
+    isi.check_golds_there(cfg, domain)
     return cfg
+
+
+def audited_items(cfg: isi.Config) -> tuple[list[dict], dict | None]:
+    """The items an audit scores and the file systems their truth runs in (None: NL2Bash's):
+    NL2Bash's (a fixed subset with --eval-limit), or with --eval domain the domain's held-out
+    tasks (the same subset rule)."""
+    if cfg.eval == "domain":
+        domain = load_domain(cfg.tasks_file, cfg.domain)
+        items = held_out_items(domain)
+        if cfg.eval_limit and not 1 <= cfg.eval_limit <= len(items):
+            raise UsageError(f"--eval-limit: between 1 and the {len(items)} held-out tasks there are, got "
+                             f"{cfg.eval_limit}")
+        chosen = [items[i * len(items) // cfg.eval_limit] for i in range(cfg.eval_limit)] if cfg.eval_limit else items
+        return chosen, {"domain": (environment_script(domain), None)}
+    try:
+        return nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg)), None
+    except ValueError as err:
+        raise UsageError(f"--eval-limit: {err}") from None
+    except SandboxUnavailable as err:
+        raise UsageError(f"audit: {err}") from None
 
 
 def audit_name(cfg: isi.Config, adapter: str | None, plugins: list = ()) -> str:
@@ -117,7 +146,8 @@ def audit_name(cfg: isi.Config, adapter: str | None, plugins: list = ()) -> str:
         f"{Path(adapter).resolve().parent.name}_{Path(adapter).name.replace('checkpoint_', '')}")
     judge = "_frozen-judge" if cfg.judge == "frozen" else ""
     own = "".join(f"_{p.name}" for p in plugins)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}_k{cfg.candidates}_seed{cfg.seed}{own}")
+    on = f"_{cfg.domain if cfg.tasks_file is None else Path(cfg.tasks_file).stem}-held-out" if cfg.eval == "domain" else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}{on}_k{cfg.candidates}_seed{cfg.seed}{own}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,16 +217,17 @@ def audit_inversion(lm, embedder, cfg: isi.Config, records: list[dict], *, greed
     return scored, seconds
 
 
-def execution_truth(cfg: isi.Config, team: Team, items: list[dict], commands: list[list[str]]):
+def execution_truth(cfg: isi.Config, team: Team, items: list[dict], commands: list[list[str]],
+                    setups: dict | None = None):
     """Each item's commands in the item's own file system, beside the gold command (run afresh:
     time-relative golds age) and the do-nothing command `true`. Per item: the runs, and per
     command its truth: InterCode's reward and success; `beats_reward`, the reward of its output
     without bash's own complaints (an error message that shares a word with the gold output is
     not doing what was asked); `nothing_reward`; and `gold_broken` when the gold command's
     program is missing here (then any error message matches the gold's, and the item is out of
-    the figures)."""
+    the figures). `setups`: the items' file systems where they are not NL2Bash's (Evaluator's)."""
     def share_runs(share: list[dict], lists: list[list[str]]) -> list[tuple]:
-        with nl2bash.Evaluator(share, workers=isi.sandbox_workers(cfg, team)) as evaluator:
+        with nl2bash.Evaluator(share, setups, workers=isi.sandbox_workers(cfg, team)) as evaluator:
             nothing = evaluator.run_items(["true"] * len(share))
             flat = [(k, c) for k, commands_of_one in enumerate(lists) for c in commands_of_one]
             runs = evaluator.run_all([share[k]["group"] for k, _ in flat], [c for _, c in flat])
@@ -234,11 +265,11 @@ def executed(runs: list, checks: tuple, per_item: int) -> list[dict]:
 
 
 def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk: int,
-                plugins: list) -> list[dict]:
+                plugins: list, setups: dict | None = None) -> list[dict]:
     """Every candidate of some items (K sampled and the greedy one, in that order per item) with
     every audited signal, and its execution truth against the gold command."""
     seed, label, k = isi.stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
-    tasks, n, timers = [isi.Task(item["query"]) for item in items], len(items), {}
+    tasks, n, timers = [isi.Task(item["query"], item.get("tool")) for item in items], len(items), {}
     started = time.perf_counter()
     # the greedy candidates ride in the sampled ones' passes (the sampled draw as they would alone)
     copies, greedy_tasks = [k] * n + [1] * n, [False] * n + [True] * n
@@ -255,7 +286,8 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
     # coder and reviewer for every candidate with a command, usable or not
     scored_at = [i for i, r in enumerate(records) if r["command"]]
     coder, reviewer, timers["coder"], timers["reviewer"] = isi.coder_reviewer(
-        lm, cfg, [isi.Task(records[i]["task"]) for i in scored_at], [records[i]["command"] for i in scored_at],
+        lm, cfg, [isi.Task(records[i]["task"], records[i].get("tool")) for i in scored_at],
+        [records[i]["command"] for i in scored_at],
         frozen_reviewer=cfg.judge == "frozen")
     likelihood = [isi.likelihood_fields(None, None) | {"coder_reviewer": None} for _ in records]
     for i, c, r in zip(scored_at, coder, reviewer):
@@ -267,7 +299,7 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
     records = [r | fields for r, fields in zip(records, executed(runs, checks[:2], k + 1))]
     started = time.perf_counter()
     truth = execution_truth(cfg, lm.team, items, [[r["command"] for r in records[j:j + k + 1]]
-                                                  for j in range(0, len(records), k + 1)])
+                                                  for j in range(0, len(records), k + 1)], setups)
     timers["execution_itemfs"] = time.perf_counter() - started
     item_runs = [run if r["usable"] else None
                  for r, run in zip(records, (run for runs_of_item, _ in truth for run in runs_of_item))]
@@ -301,7 +333,8 @@ def audit_settings(cfg: isi.Config, args: argparse.Namespace, shellcheck: bool) 
     """What makes an audit: a stopped one continues only with the same. One's own signals are
     named by their files, with their rules."""
     own = {"signals": {p.name: {"from": spec, "rule": p.rule} for spec, p in zip(args.signals, args.plugins)}}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in FLAGS and k not in RUN_ONLY} | {
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in FLAGS and k not in RUN_ONLY
+            and (k != "eval" or v != "nl2bash")} | {  # "eval" only off its default: older audits continue
         "adapter": None if args.adapter is None else str(Path(args.adapter).resolve()),
         "chunk_items": args.chunk_items, "shellcheck": shellcheck} | (own if args.plugins else {})
 
@@ -319,10 +352,16 @@ def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]
     (its signals kept); the candidates file rewritten."""
     per_item = settings["candidates"] + 1
     wanted = {r["item"] for r in rows}
-    try:
-        items = [i for i in nl2bash.load_items() if i["id"] in wanted]
-    except SandboxUnavailable as err:
-        raise UsageError(f"--truth-again: {err}") from None
+    setups = None
+    if settings.get("eval", "nl2bash") == "domain":
+        domain = load_domain(settings["tasks_file"], settings["domain"])
+        items, setups = [i for i in held_out_items(domain) if i["id"] in wanted], {
+            "domain": (environment_script(domain), None)}
+    else:
+        try:
+            items = [i for i in nl2bash.load_items() if i["id"] in wanted]
+        except SandboxUnavailable as err:
+            raise UsageError(f"--truth-again: {err}") from None
     if [i["id"] for i in items] != [r["item"] for r in rows[::per_item]]:
         raise UsageError(f"--truth-again: {audit_dir} does not hold {per_item} candidates per item in order")
     started, updated = time.perf_counter(), []
@@ -331,7 +370,7 @@ def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]
         mine = rows[first * per_item:(first + len(chunk)) * per_item]
         try:
             truth = execution_truth(isi.Config(), Team(), chunk, [[r["command"] for r in mine[j:j + per_item]]
-                                                                  for j in range(0, len(mine), per_item)])
+                                                                  for j in range(0, len(mine), per_item)], setups)
         except SandboxUnavailable as err:
             raise UsageError(f"--truth-again: {err}") from None
         updated += [r | t for r, t in zip(mine, (t for _, truths in truth for t in truths))]
@@ -370,12 +409,7 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise UsageError(f"{audit_dir} holds an audit with other settings ({settings_path}); "
                          f"choose another --name or --output")
-    try:
-        items = nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg))
-    except ValueError as err:
-        raise UsageError(f"--eval-limit: {err}") from None
-    except SandboxUnavailable as err:
-        raise UsageError(f"audit: {err}") from None
+    items, setups = audited_items(cfg)
     per_item = cfg.candidates + 1
     path = audit_dir / "audit_candidates.jsonl"
     rows = audited_so_far(path, items, per_item)
@@ -400,7 +434,8 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
             for first in range(done, len(items), args.chunk_items):
                 chunk_started = time.perf_counter()
                 chunk = items[first:first + args.chunk_items]
-                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items, args.plugins)
+                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items, args.plugins,
+                                    setups)
                 if team.main:
                     write_jsonl(path, rows)
                 print(f"audit: items {first + 1}-{first + len(chunk)} of {len(items)}, "

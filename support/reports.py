@@ -313,15 +313,19 @@ def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
     lines = ["", f"{what}: against the untrained model ({path}), final evaluations; per item the mean over seeds; "
              "95% bootstrap intervals over items (paired for the change); McNemar's exact test per seed "
              "(items only the arm solves / only the untrained model solves, p):"]
+    successes = {}  # per kind of run: {item: success, the mean over its seeds}, for the oracle's share
     for kind_key, dirs in groups_of_runs.items():
         finals = [Path(d) / f"{key}_cycle_{len(runs[d]['cycles'])}.jsonl" for d in dirs if runs[d]["cycles"]]
         if not finals or not all(f.is_file() for f in finals):
             continue
         try:
-            f = against_baseline([evaluated_items(p, groups) for p in finals], base)
+            seed_runs = [evaluated_items(p, groups) for p in finals]
+            f = against_baseline(seed_runs, base)
         except ValueError:
             continue
         kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(kind_key)).items())
+        successes[kind] = {i: sum(run[i][0] for run in seed_runs) / len(seed_runs)
+                           for i in set(base).intersection(*seed_runs)}
         tests = ", ".join(f"{t['only_treated']}/{t['only_control']} p={t['p']:.2f}" for t in f["mcnemar"])
         lines.append(
             f"  {kind} ({f['seeds']} seeds, {f['items']} items): success {f['success']:.3f} "
@@ -329,6 +333,31 @@ def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
             f"{f['success_change']:+.3f} [{f['success_change_ci'][0]:+.3f}, {f['success_change_ci'][1]:+.3f}]; "
             f"reward {f['reward']:.3f} against {f['reward_baseline']:.3f}, change {f['reward_change']:+.3f} "
             f"[{f['reward_change_ci'][0]:+.3f}, {f['reward_change_ci'][1]:+.3f}]; McNemar {tests}")
+    return lines + oracle_share_lines(successes, base)
+
+
+def oracle_share_lines(successes: dict, base: dict) -> list[str]:
+    """Where an oracle arm (--select oracle, which uses labels) is among the runs: each other kind's
+    share of the oracle's lift in success over the untrained model, on the items all share."""
+    from support.statistics import share_of_lift
+    oracles = [kind for kind in successes if "select=oracle" in kind]
+    if len(oracles) != 1:
+        return []
+    oracle = successes[oracles[0]]
+    lines = [f"share of the oracle's lift recovered (success; the oracle, {oracles[0]}, uses labels; "
+             "95% bootstrap interval over items):"]
+    for kind, arm in successes.items():
+        if kind == oracles[0]:
+            continue
+        items = sorted(set(arm) & set(oracle) & set(base))
+        f = share_of_lift([arm[i] for i in items], [oracle[i] for i in items], [float(base[i][0]) for i in items])
+        if f["share"] is None:
+            lines.append(f"  {kind}: none to share (the oracle's lift is {f['oracle_lift']:+.3f}: no selection "
+                         f"lifted success in this setting)")
+        else:
+            interval = "unstable" if f["share_ci"] is None else f"[{f['share_ci'][0]:.2f}, {f['share_ci'][1]:.2f}]"
+            lines.append(f"  {kind}: {f['share']:.2f} {interval} of the oracle's lift {f['oracle_lift']:+.3f} "
+                         f"({len(items)} items)")
     return lines
 
 

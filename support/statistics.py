@@ -2,7 +2,7 @@
 bootstrap intervals over items, the paired difference of two models on the same items, and
 McNemar's exact test on paired successes.
 
-The rest may call: bootstrap_mean, paired_difference, mcnemar_exact, against_baseline.
+The rest may call: bootstrap_mean, paired_difference, mcnemar_exact, against_baseline, share_of_lift.
 """
 import numpy as np
 
@@ -56,4 +56,28 @@ def against_baseline(seed_runs: list[dict], baseline: dict, draws: int = 2000, s
         out[f"{name}_change"], out[f"{name}_change_ci"] = paired_difference(per_item[k], base[k], draws, seed)
     out["mcnemar"] = [mcnemar_exact([run[i][0] for i in items], [baseline[i][0] for i in items])
                       for run in seed_runs]
+    return out
+
+
+def share_of_lift(arm, oracle, baseline, draws: int = 2000, seed: int = 0) -> dict:
+    """How much of the oracle's lift over the baseline an arm recovers: (arm - baseline) /
+    (oracle - baseline) of the per-item means (the same items, in the same order), with a 95%
+    percentile interval from drawing items with replacement (an item's three values together).
+    The share is None where the oracle does not lift (its lift 0 or less: then no selection could
+    help, and none is judged), and the interval is None where more than 5% of the draws have no
+    lift to share."""
+    arm, oracle, baseline = (np.asarray(v, float) for v in (arm, oracle, baseline))
+    if not arm.shape == oracle.shape == baseline.shape or len(arm) == 0:
+        raise ValueError(f"the share needs the same items for all three: {arm.shape}, {oracle.shape}, {baseline.shape}")
+    lift, gained = oracle.mean() - baseline.mean(), arm.mean() - baseline.mean()
+    out = {"oracle_lift": float(lift), "arm_lift": float(gained), "share": None, "share_ci": None}
+    if lift <= 0:
+        return out
+    out["share"] = float(gained / lift)
+    rows = np.random.default_rng(seed).integers(0, len(arm), size=(draws, len(arm)))
+    lifts, gains = oracle[rows].mean(1) - baseline[rows].mean(1), arm[rows].mean(1) - baseline[rows].mean(1)
+    usable = lifts > 0
+    if usable.mean() >= 0.95:
+        low, high = np.percentile(gains[usable] / lifts[usable], [2.5, 97.5])
+        out["share_ci"] = [float(low), float(high)]
     return out

@@ -323,6 +323,38 @@ def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tm
                                          for f in s.values())
 
 
+def test_an_audit_of_the_domains_held_out_tasks(tiny_model_dir, tmp_path, known_commands, monkeypatch, capsys):
+    """audit --eval domain: the items are the domain's held-out tasks (three stand in here, with
+    golds the known commands can match), the truth each candidate's run against its task's gold in
+    the domain's file system; the setting is kept, so --truth-again runs them there again."""
+    golds = [("List this folder", "ls"), ("List this folder, hidden entries too", "ls -a"),
+             ("Find every file below this folder", "find . -type f")]
+    items = [{"id": f"held-{k:03d}", "group": "domain", "query": query, "tool": None, "gold": gold, "gold2": gold,
+              "difficulty": "ls"} for k, (query, gold) in enumerate(golds)]
+    monkeypatch.setattr(audit_program, "held_out_items", lambda domain: items)
+    try:
+        assert isi.main(audit_args(tiny_model_dir, tmp_path, "--eval", "domain", "--eval-limit", "0")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    audit_dir = tmp_path / "a"
+    rows = candidates(audit_dir)
+    assert [r["item"] for r in rows[::4]] == [i["id"] for i in items] and {r["fs"] for r in rows} == {"domain"}
+    for r in rows:  # its item's gold succeeds; no command or a missing program does not
+        if r["command"] == golds[int(r["item"][-3:])][1]:
+            assert r["success"], r
+        if r["command"] in ("nosuchprogram", "") or not r["usable"]:
+            assert not r["success"], r
+    assert any(r["success"] for r in rows) and not all(r["success"] for r in rows)
+    assert json.loads((audit_dir / "audit_settings.json").read_text())["eval"] == "domain"
+    before = [(r["success"], r["reward"]) for r in rows]
+    assert isi.main(["audit", "--from", str(audit_dir), "--truth-again", "--bootstrap", "50"]) == 0
+    assert [(r["success"], r["reward"]) for r in candidates(audit_dir)] == before
+    capsys.readouterr()
+    refuse_model_loading(monkeypatch)
+    assert isi.main(["audit", "--output", str(tmp_path), "--domain", "pentest", "--eval", "domain"]) == 2
+    assert "pentest domain has none" in one_line_error(capsys)
+
+
 @pytest.mark.slow
 def test_a_stopped_audit_continues_to_the_same_candidates(tiny_model_dir, tmp_path, known_commands, monkeypatch,
                                                          capsys):

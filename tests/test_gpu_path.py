@@ -326,3 +326,23 @@ def test_training_reads_the_device_once_an_epoch(tiny_model_dir):
     assert trained["steps"] == 3 and reads == ["tolist"]
     assert trained["command_tokens"] == sum(isi.labelled_tokens(isi.command_example(lm.tokenizer, t, c))
                                             for t, c in pairs)
+
+
+def test_a_failed_stage_keeps_its_error_its_time_and_the_json(tmp_path):
+    """A stage that raises: listed under 'failed' with its error, its seconds and its traceback,
+    the JSON written at once, and the next stage runs."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    out = tmp_path / "check.json"
+    args = argparse.Namespace(device="cpu", shape="tiny", out=str(out), scratch=None, budget=None, cli_timeout=3)
+    check = gpu_check.Check(args)
+
+    def broken(_):
+        raise RuntimeError("no such kernel")
+    check.run("broken", broken)
+    check.run("fine", lambda _: {"value": 1})
+    figures = json.loads(out.read_text())
+    (failed,) = figures["failed"]
+    assert failed["stage"] == "broken" and failed["error"] == "RuntimeError: no such kernel"
+    assert failed["seconds"] >= 0 and "no such kernel" in failed["traceback"] and figures["fine"]["value"] == 1

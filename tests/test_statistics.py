@@ -72,3 +72,40 @@ def test_the_loop_experiments_figures():
     assert beats["per_seed"] == [0.5, 0.5] and beats["untrained"] == 0.2 and beats["every_seed_above_untrained"]
     assert beats["change"] == pytest.approx(0.3)
     assert success["mcnemar"][0] | {"p": None} == {"only_treated": 1, "only_control": 0, "p": None}
+
+
+def test_the_share_of_the_oracles_lift():
+    """Known answers: the untrained model solves 10 of 100 items, the oracle 50, an arm 30 (the
+    oracle's items, half its gain): share 0.5 with an interval around it; an arm that loses items
+    has a negative share; no share where the oracle does not lift."""
+    from support.statistics import share_of_lift
+    base = [1] * 10 + [0] * 90
+    oracle = [1] * 50 + [0] * 50
+    arm = [1] * 30 + [0] * 70
+    out = share_of_lift(arm, oracle, base, draws=2000)
+    assert out["oracle_lift"] == pytest.approx(0.4) and out["arm_lift"] == pytest.approx(0.2)
+    assert out["share"] == pytest.approx(0.5) and out["share_ci"][0] < 0.5 < out["share_ci"][1]
+    assert 0.3 < out["share_ci"][0] and out["share_ci"][1] < 0.7  # 40 items of lift: about ±0.15
+    assert share_of_lift([0] * 100, oracle, base)["share"] == pytest.approx(-0.25)
+    flat = share_of_lift(arm, base, base)
+    assert flat["share"] is None and flat["share_ci"] is None and flat["oracle_lift"] == 0
+    with pytest.raises(ValueError, match="the same items"):
+        share_of_lift(arm, oracle[:50], base)
+
+
+def test_compare_reports_each_arms_share_of_the_oracles_lift():
+    """compare's lines where an oracle arm is among the runs: each other kind's share, and none to
+    share where the oracle does not lift."""
+    from support.reports import oracle_share_lines
+    items = [f"held-{k:03d}" for k in range(100)]
+    base = {i: (k < 10, 0.5) for k, i in enumerate(items)}
+    oracle = "signal=inversion train-from=previous select=oracle data=cycle judge=self scorer=embed"
+    arm = "signal=inversion train-from=previous select=threshold data=cycle judge=self scorer=embed"
+    successes = {oracle: {i: float(k < 50) for k, i in enumerate(items)},
+                 arm: {i: float(k < 30) for k, i in enumerate(items)}}
+    lines = oracle_share_lines(successes, base)
+    assert "the oracle, " + oracle + ", uses labels" in lines[0]
+    assert lines[1].startswith(f"  {arm}: 0.50 [") and "of the oracle's lift +0.400 (100 items)" in lines[1]
+    flat = oracle_share_lines({oracle: {i: float(k < 10) for k, i in enumerate(items)}, arm: successes[arm]}, base)
+    assert "none to share (the oracle's lift is +0.000" in flat[1]
+    assert oracle_share_lines({arm: successes[arm]}, base) == []  # no oracle among the runs
