@@ -370,6 +370,9 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
     runs = {d: load_run(d)["history"] for d in run_dirs}
     columns = ["run", "cycles", "probe 0->N", "frozen probe N", "after N", "accept N", "exec pass N", "copy N",
                "eval success 0->N", "eval reward 0->N", "NLC2CMD 0->N"]
+    held_out = any("eval_domain_initial" in h or any("eval_domain" in c for c in h["cycles"]) for h in runs.values())
+    if held_out:  # --eval domain: the domain's held-out tasks
+        columns += ["held-out success 0->N", "held-out reward 0->N"]
     rows, finals = [], {}
     for d, h in runs.items():
         last = h["cycles"][-1] if h["cycles"] else {}
@@ -382,6 +385,10 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
                      fmt(after.get("execution_pass_rate", "-")), fmt(after.get("health", {}).get("copy_rate"))]
                     + [f"{fmt(eval0.get(k, '-'))} -> {fmt(evaln.get(k))}" if eval0 or evaln else "-"
                        for k in ("success_rate", "mean_reward", "nlc2cmd")])
+        if held_out:
+            start, end = h.get("eval_domain_initial") or {}, last.get("eval_domain") or {}
+            rows[-1] += [f"{fmt(start.get(k, '-'))} -> {fmt(end.get(k, '-'))}" if start or end else "-"
+                         for k in ("success_rate", "mean_reward")]
     groups_of_runs = {}
     for d, h in runs.items():
         key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
