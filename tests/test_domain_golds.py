@@ -11,6 +11,7 @@ import support
 import support.domain_eval
 import support.tasks
 from support import nl2bash
+from support.reports import compare_runs
 
 BASH = support.tasks.builtin_domain("bash")
 
@@ -129,3 +130,5 @@ def test_an_oracle_run_evaluated_on_held_out_tasks(tiny_model_dir, tmp_path, cap
     evaluated = [json.loads(line) for line in (run / "eval_domain_cycle_1.jsonl").read_text().splitlines()]
     assert [r["id"] for r in evaluated] == [i["id"] for i in held]
     assert not {r["task"] for r in rows} & support.domain_eval.held_out_texts(BASH)
+    table = compare_runs([str(run)], tmp_path / "compare.png")
+    assert "held-out success 0->N" in table.splitlines()[0] and "the domain's held-out tasks: against" in table
