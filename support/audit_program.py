@@ -125,12 +125,11 @@ def audited_items(cfg: isi.Config) -> tuple[list[dict], dict | None]:
     tasks (the same subset rule)."""
     if cfg.eval == "domain":
         domain = load_domain(cfg.tasks_file, cfg.domain)
-        items = held_out_items(domain)
-        if cfg.eval_limit and not 1 <= cfg.eval_limit <= len(items):
-            raise UsageError(f"--eval-limit: between 1 and the {len(items)} held-out tasks there are, got "
-                             f"{cfg.eval_limit}")
-        chosen = [items[i * len(items) // cfg.eval_limit] for i in range(cfg.eval_limit)] if cfg.eval_limit else items
-        return chosen, {"domain": (environment_script(domain), None)}
+        try:
+            return (nl2bash.evenly_spread(held_out_items(domain), cfg.eval_limit or None),
+                    {"domain": (environment_script(domain), None)})
+        except ValueError as err:
+            raise UsageError(f"--eval-limit: {err}") from None
     try:
         return nl2bash.load_items(cfg.eval_limit or None, groups=eval_groups(cfg)), None
     except ValueError as err:

@@ -186,12 +186,15 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | l
         logits, mask = logits.repeat_interleave(copies[0], 0), mask.repeat_interleave(copies[0], 0)
     row_temperatures = per_row(temperature, copies)
     rows = list(range(logits.shape[0]))  # the output row of each active batch slot
+
+    def sampled(slots: list[int]):
+        """The slots (in the order given) whose rows sample: known here, not read from the device."""
+        return torch.tensor([slot for slot in slots if row_temperatures[rows[slot]] > 0], device=device)
     draw_order, sampling = None, None  # the slots in the rows' order, once compaction has moved rows
     if len(set(row_temperatures)) == 1:
         temperature = row_temperatures[0]
-    else:  # per slot, moved with its row; the sampled slots known here, not read from the device
-        temperature = torch.tensor(row_temperatures, device=device)
-        sampling = torch.tensor([slot for slot in rows if row_temperatures[slot] > 0], device=device)
+    else:  # per slot, moved with its row
+        temperature, sampling = torch.tensor(row_temperatures, device=device), sampled(rows)
     new_tokens = [[] for _ in rows]
     if logprobs is not None:
         logprobs.extend([] for _ in rows)
@@ -222,8 +225,7 @@ def decode_batch(lm: LanguageModel, prompts: list[list[int]], *, copies: int | l
                 slots = sorted(range(len(rows)), key=rows.__getitem__)
                 draw_order = torch.tensor(slots, device=device)
                 if torch.is_tensor(temperature):
-                    sampling = torch.tensor([slot for slot in slots if row_temperatures[rows[slot]] > 0],
-                                            device=device)
+                    sampling = sampled(slots)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = next_logits(input_ids=chosen[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
     return new_tokens, generated, shared + len(prompts) * width

@@ -77,6 +77,4 @@ def held_out_items(domain: dict, n: int = 150) -> list[dict]:
 def held_out_texts(domain: dict) -> frozenset:
     """The held-out set's task texts (empty for a domain without golds): excluded from every task
     the loop draws, the probe's included."""
-    if not any("gold" in t for t in domain["templates"]):
-        return frozenset()
     return frozenset(item["query"] for item in held_out_items(domain))

@@ -18,7 +18,7 @@ are reported beside it.
 Needs the PyPI package icalfa==0.3.6 (installed with --no-deps; only its data files are read),
 bashlex, scikit-learn, scipy, and the sandbox's bubblewrap.
 
-The rest may call: load_items, Evaluator, score_in_sandbox, summarize, aggregate, spearman, nlc2cmd_score,
+The rest may call: load_items, evenly_spread, Evaluator, score_in_sandbox, summarize, aggregate, spearman, nlc2cmd_score,
 intercode_reward, exact_match, GROUPS; and command_structure and PARSE_TIMEOUT_S, which are
 support.bash_structure's, offered here too.
 """
@@ -67,6 +67,12 @@ def load_items(limit: int | None = None, groups: tuple[int, ...] = GROUPS) -> li
         for index, record in enumerate(records):
             items.append({"id": f"fs{group}-{index:03d}", "group": group, "query": record["query"],
                           "gold": record["gold"], "gold2": record["gold2"], "difficulty": record["difficulty"]})
+    return evenly_spread(items, limit)
+
+
+def evenly_spread(items: list, limit: int | None) -> list:
+    """`limit` of the items at positions floor(i * n / limit), the same every call (all of them for
+    None); ValueError for a limit outside 1..n."""
     if limit is None or limit == len(items):
         return items
     if not 1 <= limit <= len(items):
