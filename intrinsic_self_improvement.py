@@ -72,6 +72,7 @@ from support.domain_eval import held_out_items, held_out_texts
 from support.tasks import (SLOT_PATTERN, TABLE_FORMATS, environment_script, gold_command, has_golds, load_domain,
                            template_slots)
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
+from support.tracking import REPORTERS, check_reporter, open_reporter, report_cycle
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -192,11 +193,15 @@ class Config:
         "oneDNN (two more copies in memory); plain: PyTorch's own; auto: packed where it is faster on "
         "this machine (measured once, kept in the cache folder) and what it adds, about five times "
         "the weights, fits in a quarter of its memory", ["auto", "packed", "plain"])
+    report_to: str = setting(
+        "none", "also write each cycle's figures, the training loss per step, the configuration and a "
+        "sample of commands where runs are watched: tensorboard (event files in the run directory), "
+        "wandb (offline unless WANDB_MODE says otherwise; needs the wandb package)", REPORTERS)
 
 
 # may differ between a run and its resume
 RUN_ONLY_FIELDS = {"cycles", "resume", "output", "name", "eval_workers", "cpu_matmul", "stop_on_collapse",
-                   "score_all"}
+                   "score_all", "report_to"}
 # what a run made before a setting existed ran with: its default
 CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
@@ -231,6 +236,7 @@ def validate(cfg: Config) -> Config:
             f"--eval-workers must be zero (one per core) or positive, got {cfg.eval_workers}")
     eval_groups(cfg)
     resolve_signal(cfg.signal)
+    check_reporter(cfg.report_to)
     if cfg.eval_limit < 0:
         raise UsageError(f"--eval-limit must be zero (all items) or positive, got {cfg.eval_limit}")
     if cfg.probe_tasks < 0:
@@ -1287,7 +1293,8 @@ def train_adapter(lm: LanguageModel, cfg: Config, pairs: list[tuple[Task, str]],
     seconds = time.perf_counter() - start
     return {"pairs": len(pairs), "steps": len(batches), "skipped": False, "command_tokens": tokens,
             "positions": positions, "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
-            "loss_mean": round(sum(losses) / len(losses), 4), "train_s": round(seconds, 3),
+            "loss_mean": round(sum(losses) / len(losses), 4), "loss_per_step": [round(x, 4) for x in losses],
+            "train_s": round(seconds, 3),
             "train_tokens_per_s": round(sum(len(e["input_ids"]) for e in examples) / seconds, 1)}
 
 
@@ -1507,10 +1514,11 @@ def signal_up_execution_down(signal: str, previous: dict, probe: dict) -> bool |
 
 
 def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox,
-               team: Team) -> dict:
+               team: Team, reporter) -> dict:
     """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
-    commands in the domain's file system (None: not run). Every process of the team runs it;
-    only the main one writes the run directory."""
+    commands in the domain's file system (None: not run), `reporter` shows each completed cycle
+    where runs are watched (--report-to). Every process of the team runs it; only the main one
+    writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
                              exclude=held_out_texts(domain), distinct=True)
     # the other processes learn whether the main one could write the run directory
@@ -1580,6 +1588,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
                  "timing": {"before": before_stage.timing, "after": after_stage.timing,
                             "cycle_s": round(time.perf_counter() - cycle_start, 3)}}
         progress = record_cycle(run_dir, history, entry, team.size, team.main)
+        report_cycle(reporter, history, entry, after_stage.records, cfg.candidates)
         pending = after_stage
         if log_cycle_end(entry, cfg.signal, cfg.cycles, cfg.stop_on_collapse, time.perf_counter() - cycle_start,
                          time.perf_counter() - started):
@@ -1613,9 +1622,11 @@ def run(cfg: Config, team: Team = Team()) -> dict:
     sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
     with sandbox if sandbox is not None else contextlib.nullcontext():
         lock = team.together(lambda: hold_run_directory(run_dir) if team.main else None)
+        reporter = open_reporter(cfg.report_to, run_dir, main=team.main, resumed=saved is not None)
         try:
-            return run_cycles(cfg, run_dir, saved, domain, sandbox, team)
+            return run_cycles(cfg, run_dir, saved, domain, sandbox, team, reporter)
         finally:
+            reporter.close()
             if lock is not None:
                 lock.close()
 

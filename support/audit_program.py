@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import intrinsic_self_improvement as isi
 from support import UsageError, nl2bash
-from support.audit import beats_nothing
+from support.audit import audit_table, beats_nothing
 from support.cli import OneLineParser, add_config_flags, eval_groups
 from support.audit_directory import audited_so_far, read_audit, read_candidates, write_changes, write_figures
 from support.decoder import per_row
@@ -29,13 +29,14 @@ from support import shellcheck as static_analyser
 from support.domain_eval import held_out_items
 from support.tasks import environment_script, load_domain
 from support.team import Team, join_team
+from support.tracking import check_reporter, report_audit
 
 FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold", "judge",
          "seed", "domain", "tasks_file", "eval", "eval_limit", "eval_fs", "eval_workers", "embedder",
          "device", "precision", "quantize", "cpu_matmul", "max_command_tokens",
-         "max_inversion_tokens", "gen_batch_size", "output", "name")
+         "max_inversion_tokens", "gen_batch_size", "output", "name", "report_to")
 DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None, "eval": "nl2bash"}
-RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device"}
+RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device", "report_to"}
 # the audit's items and truth: NL2Bash's, or the domain's held-out tasks against their gold commands
 AUDITED_ON = ("nl2bash", "domain")
 
@@ -84,6 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("bootstrap", "chunk_items"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_reporter(args.report_to)
     if args.from_dir is not None and args.signals:
         raise UsageError("--signal computes a signal on a model's candidates; --from recomputes the figures only")
     args.plugins = [isi.load_plugin(spec) for spec in args.signals]
@@ -389,6 +391,7 @@ def recompute_audit(audit_dir: Path, args: argparse.Namespace) -> dict:
     rules, keeps = figure_rules(settings)
     result = write_figures(audit_dir, rows, settings, meta, rules=rules, keeps=keeps, bootstrap=args.bootstrap,
                            margin=args.margin)
+    report_audit(args.report_to, audit_dir, result, audit_table(result))
     if before is not None:
         write_changes(audit_dir, args.against, before, rows, bootstrap=args.bootstrap, seed=settings["seed"],
                       margin=args.margin)
@@ -443,8 +446,12 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
             meta = {"machine": cpu_identity(), "compute": compute_record(lm),
                     "wall_s": round(time.perf_counter() - started, 1), "complete": True}
             rules, keeps = figure_rules(settings)
-            return (write_figures(audit_dir, rows, settings, meta, rules=rules, keeps=keeps,
-                                  bootstrap=args.bootstrap, margin=args.margin) if team.main else {})
+            if not team.main:
+                return {}
+            result = write_figures(audit_dir, rows, settings, meta, rules=rules, keeps=keeps,
+                                   bootstrap=args.bootstrap, margin=args.margin)
+            report_audit(cfg.report_to, audit_dir, result, audit_table(result))
+            return result
         finally:
             if lock is not None:
                 lock.close()

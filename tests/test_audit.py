@@ -307,8 +307,19 @@ def test_an_audit_end_to_end_then_from_gives_the_same_figures(tiny_model_dir, tm
     assert all(name in printed for name in SIGNALS)
     first = figures_of(audit_dir)
     (audit_dir / "audit.json").unlink()
-    assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50"]) == 0
+    assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50", "--report-to", "tensorboard"]) == 0
     assert figures_of(audit_dir) == first
+    # the figures for TensorBoard, read back with its own reader: once, as audit.json has them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50", "--report-to", "tensorboard"]) == 0
+    found = EventAccumulator(str(audit_dir))
+    found.Reload()
+    for signal, values in first["signals"].items():
+        assert [(e.step, round(e.value, 4)) for e in found.Scalars(f"auroc/{signal}")] == [(0, values["auroc"])]
+        if values["auroc_beats_nothing_ci"] is not None:
+            assert found.Scalars(f"auroc_beats_nothing_low/{signal}")[0].value == pytest.approx(
+                values["auroc_beats_nothing_ci"][0], abs=1e-6)
+    assert found.Scalars("audit/greedy_success")[0].value == pytest.approx(first["greedy_success"], abs=1e-6)
     # the truth executed again: the same truths (these commands do not depend on the clock)
     truth_keys = ("success", "reward", "beats_reward", "nothing_reward", "beats_nothing", "trivial_item",
                   "gold_broken")
