@@ -48,13 +48,14 @@ DEV = ("1", "2")
 AUDIT = ROOT / "output" / "audit" / "smollm2-135m_base_k4_seed0"
 
 
-def run_one(output: Path, name: str, seed: int, extra: list[str]) -> float:
+def run_one(output: Path, name: str, seed: int, extra: list[str], settings: list[str] = SETTINGS,
+            cycles: int = CYCLES) -> float:
     """Run (or finish) one arm and seed; the seconds it took here (0 when already done)."""
     progress = output / name / "progress.json"
-    argv = [sys.executable, str(ROOT / "intrinsic_self_improvement.py"), *SETTINGS, *extra, "--seed", str(seed),
+    argv = [sys.executable, str(ROOT / "intrinsic_self_improvement.py"), *settings, *extra, "--seed", str(seed),
             "--output", str(output), "--name", name]
     if progress.exists():
-        if json.loads(progress.read_text())["last_completed_cycle"] >= CYCLES:
+        if json.loads(progress.read_text())["last_completed_cycle"] >= cycles:
             return 0.0
         argv.append("--resume")
     started = time.perf_counter()

@@ -77,7 +77,7 @@ def untrained(output: Path, settings: list[str] = SETTINGS) -> list[dict]:
         cfg = isi.parse_config(settings)
         lm = support.model.load_language_model(cfg)
         summary, records = isi.external_evaluation(lm, support.model.load_embedder(cfg, lm.device), cfg,
-                                                   isi.evaluation_items(cfg), 0)
+                                                   isi.evaluation_items(cfg), 0, isi.Benchmark("eval", "eval"))
         support.run_directory.write_jsonl(path, records)
     return support.run_directory.read_jsonl(path)
 
