@@ -16,6 +16,9 @@ TORCH := $(shell grep -m1 '^torch==' requirements.txt)
 # import its tiktoken-based backend for every model
 MISTRAL_COMMON := mistral-common==1.13.1
 
+# the pentest domain's tools (program:Debian package), for the tools truth (support/tools.py)
+TOOLS := nmap:nmap hydra:hydra sqlmap:sqlmap masscan:masscan gobuster:gobuster dirb:dirb nc:netcat-openbsd
+
 .PHONY: run test test-quick install
 
 install: $(STAMP)
@@ -32,6 +35,10 @@ $(STAMP): requirements.txt Makefile
 	@command -v shellcheck >/dev/null || apt-get install -y -qq shellcheck >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 \
 		|| echo "shellcheck could not be installed: audit reports its ladder level unavailable"
+	@missing=$$(for t in $(TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done); \
+		test -z "$$missing" || apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing) >/dev/null 2>&1 \
+		|| echo "the pentest tools ($$missing) could not be installed: the tools truth (--eval tools) runs without them"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -66,8 +66,10 @@ def two_process_runs(tiny_model_dir, tmp_path_factory) -> dict:
     settings in one process, in this one, with its commits logged."""
     root = tmp_path_factory.mktemp("team")
     straight = launch("accelerate", run_args(tiny_model_dir, root / "straight", 3), root / "straight.log")
-    first = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 2), root / "resumed.log")
-    resumed = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 3, "--resume"), root / "resumed.log")
+    watched = ("--report-to", "tensorboard")
+    first = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 2, *watched), root / "resumed.log")
+    resumed = launch("torchrun", run_args(tiny_model_dir, root / "resumed", 3, "--resume", *watched),
+                     root / "resumed.log")
     alone_log, commit = [], support.run_directory.commit
 
     def logged_commit(partial: Path, path: Path) -> None:
@@ -106,6 +108,21 @@ def test_only_the_main_process_writes_each_file_once(two_process_runs):
     # one process prints: the run's lines appear once
     out = two_process_runs["straight"].stdout
     assert out.count("cycle 2/3") == 1 and out.count("; 2 processes") == 1
+
+
+def test_a_team_writes_one_set_of_events(two_process_runs):
+    """--report-to tensorboard in both launches of the resumed run: one event file per launch (the
+    main process's), each cycle's step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir = two_process_runs["root"] / "resumed" / "team"
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    found = EventAccumulator(str(run_dir))
+    found.Reload()
+    assert [e.step for e in found.Scalars("after/mean_score")] == [1, 2, 3]
+    assert [e.step for e in found.Scalars("eval/success_rate")] == [0, 1, 2, 3]
+    history = read_progress(run_dir)["history"]
+    assert [e.value for e in found.Scalars("eval/success_rate")] == pytest.approx([
+        history["eval_initial"]["success_rate"], *(c["eval"]["success_rate"] for c in history["cycles"])], abs=1e-6)
 
 
 def test_one_process_records_one_process(two_process_runs):

@@ -1,0 +1,110 @@
+"""The real tools as a truth (support/tools.py): which commands reach a tool, how its own output is
+read, and, in the sandbox, each installed tool on commands written for it: one it accepts, one
+with an unknown flag, one missing an argument, one with a shell operator. The sandbox's network
+is looked at, never used: its interfaces are read, nothing is sent."""
+import os
+
+import pytest
+
+from conftest import sandbox_unavailable
+from support import sandbox as sb
+from support import tools
+
+# per tool: (accepted, unknown flag, missing argument); the targets are unreachable from the sandbox
+COMMANDS = {
+    "nmap": ("nmap -sV -p 80,443 10.0.0.1", "nmap --no-such-flag 10.0.0.1", "nmap -sS"),
+    "hydra": ("hydra -l admin -p secret 10.0.0.1 ssh", "hydra -Z 10.0.0.1 ssh", "hydra -l admin"),
+    "sqlmap": ("sqlmap -u 'http://10.0.0.1/item.php?id=1' --batch --dbs", "sqlmap --no-such-flag -u http://10.0.0.1/",
+               "sqlmap -u"),
+    "masscan": ("masscan -p80,443 10.0.0.0/24 --rate 1000", "masscan --no-such-flag 10.0.0.1", "masscan -p80"),
+    "gobuster": ("gobuster dir -u http://10.0.0.1 -w /usr/share/dirb/wordlists/common.txt",
+                 "gobuster dir --no-such-flag -u http://10.0.0.1 -w /usr/share/dirb/wordlists/common.txt",
+                 "gobuster dir"),
+    "dirb": ("dirb http://10.0.0.1 /usr/share/dirb/wordlists/common.txt", "dirb http://10.0.0.1 -Q", "dirb"),
+    "nc": ("nc -zv 10.0.0.1 80", "nc -Q 10.0.0.1 80", "nc -zv"),
+}
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("nmap -sV 10.0.0.1", ("nmap", "")),
+    ("sudo nmap -sS 10.0.0.1", ("nmap", "")),
+    ("/usr/bin/nmap 10.0.0.1", ("nmap", "")),
+    ("nmap 10.0.0.1 | grep open", (None, "shell operators")),
+    ("nmap 10.0.0.1 > scan.txt", (None, "shell operators")),
+    ("nmap 10.0.0.1; ls", (None, "shell operators")),
+    ("nmap $(cat targets)", (None, "shell operators")),
+    ("nmap `cat targets`", (None, "shell operators")),
+    ("nmap 'unclosed", (None, "unparsable")),
+    ("You can use nmap to scan the host", (None, "another program")),
+    ("ls -la", (None, "another program")),
+    ("", (None, "empty")),
+])
+def test_which_commands_reach_a_tool(command, expected):
+    assert tools.program_of(command, ["nmap", "nc"]) == expected
+
+
+@pytest.mark.parametrize("tool, output, verdict", [
+    ("nmap", "nmap: unrecognized option '--bogus'\nSee the output of nmap -h", "rejected"),
+    ("nmap", "Starting Nmap 7.93\nWARNING: No targets were specified, so 0 hosts scanned.", "rejected"),
+    ("nmap", "Starting Nmap 7.93\nFailed to resolve \"target.local\".\nWARNING: No targets were specified, so 0 "
+             "hosts scanned.", "accepted"),
+    ("nmap", "setup_target: failed to determine route to 10.0.0.1\nWARNING: No targets were specified", "accepted"),
+    ("hydra", "[ERROR] Invalid target definition!", "rejected"),
+    ("hydra", "[ERROR] could not connect to ssh://10.0.0.1:22 - Failed to connect", "accepted"),
+    ("gobuster", "Error: unknown shorthand flag: 'u' in -u", "rejected"),
+    ("gobuster", "Error: required flag(s) \"url\", \"wordlist\" not set", "rejected"),
+    ("sqlmap", "Usage: python3 sqlmap [options]\n\nsqlmap: error: no such option: --bogus", "rejected"),
+    ("masscan", "[-] FAIL: could not determine default interface", "accepted"),
+    ("nc", "nc: connect to 10.0.0.1 port 80 (tcp) failed: Network is unreachable", "accepted"),
+    ("nc", "usage: nc [-46CDdFhklNnrStUuvZz]", "rejected"),
+])
+def test_a_tools_own_messages(tool, output, verdict):
+    assert tools.classify(tool, output) == verdict
+
+
+@pytest.fixture(scope="module")
+def checker():
+    try:
+        box = tools.ToolChecker([*COMMANDS, "no-such-tool"], workers=2)
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    with box:
+        yield box
+
+
+@pytest.mark.parametrize("tool", sorted(COMMANDS))
+def test_each_tool_in_the_sandbox(checker, tool):
+    if not checker.present[tool]:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{tool} must be installed under CI (.ci/run installs it)")
+        pytest.skip(f"{tool} is not installed here (make install installs it)")
+    accepted, unknown_flag, missing_argument = COMMANDS[tool]
+    piped = f"{accepted} | tee scan.txt"
+    results = checker.check([accepted, unknown_flag, missing_argument, piped])
+    assert [r["tool_verdict"] for r in results] == ["accepted", "rejected", "rejected", "not run"], results
+    assert [r["tool"] for r in results] == [tool, tool, tool, None]
+    assert results[3]["tool_output"] == "shell operators"
+
+
+def test_a_missing_tool_is_not_run(checker):
+    assert "no-such-tool" in checker.missing
+    [result] = checker.check(["no-such-tool --version"])
+    assert result == {"tool": "no-such-tool", "tool_verdict": "not run",
+                      "tool_output": "no-such-tool is not installed here", "tool_seconds": 0.0}
+
+
+def test_the_sandbox_has_only_a_loopback(checker):
+    """Read, not used: the interfaces of the sandbox's network namespace (/sys is not mounted in
+    the sandbox; /proc/net/dev lists the same interfaces). Only `lo`, so nothing can leave."""
+    [run] = checker.sandbox.run_all(["tools"], ["tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; "
+                                                "test -e /sys/class/net && echo sys-mounted; true"])
+    assert run.exit_code == 0 and run.output.split() == ["lo"]
+
+
+def test_a_batch_summary():
+    records = [{"tool": "nmap", "tool_verdict": "accepted"}, {"tool": "nmap", "tool_verdict": "rejected"},
+               {"tool": None, "tool_verdict": "not run"}, {"tool": "nc", "tool_verdict": "accepted"}]
+    assert tools.summarize_tools(records, ["nmap", "nc", "hydra"]) == {
+        "tools_accepted_rate": 0.5, "tools_accepted_of_run": round(2 / 3, 4), "tools_run": 3,
+        "tools_per_tool": {"nmap": {"run": 2, "accepted": 1}, "nc": {"run": 1, "accepted": 1},
+                           "hydra": {"run": 0, "accepted": 0}}}
