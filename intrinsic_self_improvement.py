@@ -63,7 +63,7 @@ from support.health import collapse_reasons, generation_health, words
 from support.model import EMBEDDED_EMBEDDER, EMBEDDED_MODEL, LanguageModel, compute_record, load_models
 from support.plugins import checked_values, load_function
 from support.reports import (log_cycle_end, log_done, log_evaluation, log_stage, log_training, record_cycle,
-                             score_correlations, write_results)
+                             score_correlations, tools_line, write_results)
 from support.run_directory import (check_run_directory, hold_run_directory, load_checkpoint, prepare_run_directory,
                                    resumed_history, save_checkpoint, write_jsonl)
 from support.sandbox import Sandbox, SandboxUnavailable
@@ -72,6 +72,7 @@ from support.domain_eval import held_out_items, held_out_texts
 from support.tasks import (SLOT_PATTERN, TABLE_FORMATS, environment_script, gold_command, has_golds, load_domain,
                            template_slots)
 from support.team import PeerFailed, Team, join_team, leave_team, team_from_environment
+from support.tools import ToolChecker, summarize_tools
 from support.tracking import REPORTERS, check_reporter, open_reporter, report_cycle
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +158,13 @@ class Config:
         "templates: tasks from the domain's templates; model: the model writes its own "
         "tasks, few-shot from them", ["templates", "model"])
     eval: str = setting(
-        "none",
-        "external evaluation: nl2bash runs the model's commands for InterCode's NL2Bash in a "
-        "sandbox; domain: for the task domain's held-out tasks (about 150, never trained on), against "
-        "their gold commands (needs a domain with golds, as bash); nl2bash,domain: both",
-        ["none", "nl2bash", "domain", "nl2bash,domain"])
+        "auto",
+        "external evaluation, comma-separated: nl2bash runs the model's commands for InterCode's NL2Bash "
+        "in a sandbox; domain: for the task domain's held-out tasks (about 150, never trained on), "
+        "against their gold commands (needs a domain with golds, as bash); tools: the domain's real "
+        "tools (pentest's nmap, hydra, ...) run the probe's and the fresh batch's commands in the sandbox "
+        "and their own parsers accept or reject them (needs a domain that names its tools); auto: tools "
+        "where the domain names tools and the sandbox runs, else none; none")
     eval_every: int = setting(
         1, "evaluate before cycle 1, every this many cycles, and after the last; 0: after the last "
         "cycle only (the untrained model's figures are the same for every seed and signal)")
@@ -221,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EVALUATIONS = ("nl2bash", "domain", "tools")
+
+
+def asked_evaluations(value: str) -> frozenset | None:
+    """--eval as the evaluations it asks for; None for auto (decided by the domain and the machine)."""
+    if value == "auto":
+        return None
+    parts = [] if value == "none" else value.split(",")
+    if any(p not in EVALUATIONS for p in parts) or len(set(parts)) < len(parts):
+        raise UsageError(f"--eval: none, auto, or some of {', '.join(EVALUATIONS)} comma-separated, got {value!r}")
+    return frozenset(parts)
+
+
 def validate(cfg: Config) -> Config:
     """Reject settings that cannot make a run, before anything heavy happens."""
     for name in ("cycles", "tasks", "candidates", "batch_size", "lora_r", "lora_alpha",
@@ -235,6 +251,7 @@ def validate(cfg: Config) -> Config:
         raise UsageError(
             f"--eval-workers must be zero (one per core) or positive, got {cfg.eval_workers}")
     eval_groups(cfg)
+    asked_evaluations(cfg.eval)
     resolve_signal(cfg.signal)
     check_reporter(cfg.report_to)
     if cfg.eval_limit < 0:
@@ -653,6 +670,8 @@ def summarize(records: list[dict], scorer: str, plugins: tuple = ()) -> dict:
         summary["execution_pass_rate"] = round(sum(r["passed"] for r in records) / n, 4)
         summary["agreement_rate"] = round(sum(r["agreed"] for r in records) / n, 4)
         summary["mean_ladder"] = round(sum(r["ladder"] for r in records) / n, 4)
+    if records and "tool_verdict" in records[0]:  # the domain's tools judged the commands
+        summary |= summarize_tools(records)
     if records and all("likelihood" in r for r in records):
         summary["mean_likelihood"] = round(sum(r["likelihood"] for r in records) / n, 4)
     if scorer == "mix":
@@ -935,13 +954,70 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
         return None
 
 
+def tools_due(cfg: Config, cycle: int) -> bool:
+    """Whether the commands generated at the end of `cycle` (0: by the untrained model) are put to
+    the tools: every --eval-every cycles and after the last, as the evaluations are; every cycle
+    where the signal is the tools' verdict."""
+    if "tools" in signal_needs(*resolve_signal(cfg.signal)):
+        return True
+    return bool(cfg.eval_every and cycle % cfg.eval_every == 0) or cycle == cfg.cycles
+
+
+def check_tools(checker, records: list[dict], team: Team = Team()) -> Stage:
+    """TOOLS: every command whose program is one of the domain's tools runs in the sandbox (no
+    network: its targets are unreachable) and the tool's own output says whether its parser
+    accepted the command line; each record gets tool_run, tool_verdict (accepted, rejected, not
+    run), tool_output and tool_seconds (support/tools.py)."""
+    start = time.perf_counter()
+    verdicts = team.spread(checker.check, [r["command"] for r in records])
+    return Stage([r | v for r, v in zip(records, verdicts)], {"tools_s": round(time.perf_counter() - start, 3)})
+
+
+def tools_asked(cfg: Config) -> tuple[bool | None, bool]:
+    """Whether --eval asks for the tools' truth (None: auto) and whether --signal needs it."""
+    asked = asked_evaluations(cfg.eval)
+    return (None if asked is None else "tools" in asked), "tools" in signal_needs(*resolve_signal(cfg.signal))
+
+
+def check_tools_there(cfg: Config, domain: dict) -> None:
+    """--eval tools and --signal tools need a domain that names its tools: else one line, before
+    anything loads."""
+    asked, needed = tools_asked(cfg)
+    if (asked or needed) and not domain.get("tools"):
+        raise UsageError(f"{'--signal tools' if needed else '--eval tools'} runs the domain's tools, and the "
+                         f"{domain_label(cfg)} domain names none (pentest does; a --tasks-file domain can: "
+                         f"\"tools\": [...], docs/tasks.md)")
+
+
+def open_tool_checker(cfg: Config, domain: dict, team: Team = Team()):
+    """The domain's tools in the sandbox, or None where they are not asked for. Asked for (--eval
+    tools, --signal tools) and impossible: one error line; by --eval auto: off, with a note. Tools
+    not installed here are named once; their commands count as not run."""
+    asked, needed = tools_asked(cfg)
+    if not (asked or needed or (asked is None and domain.get("tools"))):
+        return None
+    what = "--signal tools" if needed else "--eval tools"
+    try:
+        checker = ToolChecker(domain["tools"], workers=sandbox_workers(cfg, team))
+    except SandboxUnavailable as err:
+        if needed or asked is not None:
+            raise UsageError(f"{what}: {err}") from None
+        if team.main:
+            print(f"note: the tools truth is off (--eval auto): {err}", flush=True)
+        return None
+    if team.main and checker.missing:
+        print(f"note: not installed here, so their commands count as not run: {', '.join(checker.missing)} "
+              f"(make install installs the Debian ones)", flush=True)
+    return checker
+
+
 # ---------------------------------------------------------------------------------------------
 # Signals: one table, read by SELECT, the probe, Goodhart's mark, --score-all and the audit
 # ---------------------------------------------------------------------------------------------
 
 # what a signal can ask to have computed for every candidate before its value is read (a candidate
 # always has its task, tool, output and command)
-NEEDS = ("reconstruction", "execution", "likelihood", "certainty")
+NEEDS = ("reconstruction", "execution", "likelihood", "certainty", "tools")
 # per task: threshold: value >= --threshold; passes: value 1 (or true); rank: the candidate ranked
 # first (the first on a tie), when any has a value; rank_at_threshold: that one, when its value is
 # >= --threshold; ladder: the candidates at the highest value of the task, when it is at least the
@@ -1022,6 +1098,10 @@ def built_in_signals() -> dict[str, Signal]:
                "the largest group of candidates with the same execution result (MBR-exec)",
                summary="agreement_rate", watched=False, column=lambda r: r["agreement"], column_rule="group",
                cost=("execution",), itemfs=True),
+        Signal("tools", frozenset({"tools"}), lambda r: r["tool_verdict"] == "accepted", "passes",
+               "the domain's real tool (nmap, hydra, ...) accepts the command line: run in the sandbox, its own "
+               "parser neither rejects it nor prints its usage (--eval tools' truth; pentest)",
+               summary="tools_accepted_rate", watched=False, audited=False),
         Signal("likelihood", likelihood, usable_likelihood, "rank_at_threshold",
                "per task, the candidate with the highest coder-reviewer likelihood, when it is >= --threshold "
                "(a per-token probability)", summary="mean_likelihood", audited=False),
@@ -1392,7 +1472,7 @@ def check_golds_there(cfg: Config, domain: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict, index: int,
-                probe_tasks: list[Task]) -> tuple[Stage, list[dict]]:
+                probe_tasks: list[Task], checker=None) -> tuple[Stage, list[dict]]:
     """GENERATE, INVERT, SCORE on fresh tasks (never the probe's or the held-out set's), `--candidates` sampled
     commands each; and each command executed where the domain has a sandbox. The probe's tasks
     ride along in the same decoding passes, greedy, one command each (the sampled rows draw as
@@ -1410,6 +1490,9 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
                       greedy=[False] * len(tasks) + [True] * len(probe_tasks), seed=seed,
                       label=f"batch {index}" + (" and probe" if probe_tasks else ""),
                       certainty="certainty" in signal_needs(*signal))
+    if checker is not None and tools_due(cfg, index - 1):
+        tooled = check_tools(checker, stage.records, lm.team)
+        stage = Stage(tooled.records, stage.timing | tooled.timing)
     sampled = len(tasks) * cfg.candidates  # the batch's records come first, the probe's after
     records, probe_records = stage.records[:sampled], stage.records[sampled:]
     golds = [gold_command(domain, t.text) for t in tasks] if cfg.select == "oracle" else None
@@ -1453,6 +1536,7 @@ def probe(lm: LanguageModel, embedder, sandbox, cfg: Config, judged: list[dict],
         "frozen_acceptance_rate": frozen_summary["acceptance_rate"], "seconds": round(seconds, 3)}
     passed = (f", execution passed {summary['execution_pass_rate']:.2f}"
               if "execution_pass_rate" in summary else "")
+    passed += f", {tools_line(summary)}" if "tools_accepted_rate" in summary else ""
     own = "".join(f", {p.summary} {summary[p.summary]:.3f}" for p in plugins_of(*signal)
                   if summary.get(p.summary) is not None)
     print(f"  probe   mean score {summary['mean_score']:.3f} (frozen judge "
@@ -1479,13 +1563,14 @@ def start_history(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Pa
 
 
 def start_or_resume(lm: LanguageModel, embedder, sandbox, cfg: Config, run_dir: Path, saved: dict | None,
-                    domain: dict, probe_tasks: list[Task], evaluations) -> tuple[dict, Stage, list[dict], int]:
+                    domain: dict, probe_tasks: list[Task], evaluations,
+                    checker=None) -> tuple[dict, Stage, list[dict], int]:
     """The history, the batch the next cycle trains on, the pool of selected pairs, and that
     cycle's number: a new run's cycle 0 (the untrained model's first batch, probe and evaluation),
     or what a resumed run's last checkpoint holds."""
     if saved is None:
         print("cycle 0 (before any training)", flush=True)
-        pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks)
+        pending, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, 1, probe_tasks, checker)
         return start_history(lm, embedder, sandbox, cfg, run_dir, probe_judged, evaluations), pending, [], 1
     last = saved["last_completed_cycle"]
     records, timing, pool = load_checkpoint(lm, run_dir, last)
@@ -1514,10 +1599,10 @@ def signal_up_execution_down(signal: str, previous: dict, probe: dict) -> bool |
 
 
 def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, sandbox,
-               team: Team, reporter) -> dict:
+               team: Team, reporter, checker=None) -> dict:
     """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
-    commands in the domain's file system (None: not run), `reporter` shows each completed cycle
-    where runs are watched (--report-to). Every process of the team runs it; only the main one
+    commands in the domain's file system (None: not run), `checker` puts them to the domain's real
+    tools (None: not), `reporter` shows each completed cycle where runs are watched (--report-to). Every process of the team runs it; only the main one
     writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
                              exclude=held_out_texts(domain), distinct=True)
@@ -1530,7 +1615,7 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
     lm, embedder = load_models(cfg, team)
     print(f"run directory {run_dir}", flush=True)
     history, pending, pool, first_cycle = start_or_resume(lm, embedder, sandbox, cfg, run_dir, saved, domain,
-                                                          probe_tasks, evaluations)
+                                                          probe_tasks, evaluations, checker)
 
     # The loop is pipelined: the batch a cycle trains on was generated, inverted and scored at the
     # end of the cycle before, by the model as it was then (cycle 1's, by the untrained model).
@@ -1560,7 +1645,8 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
 
         # GENERATE, INVERT, SCORE fresh tasks with the trained model, and their signals: this
         # cycle's "after" (the fixed probe tasks ride along, greedy)
-        after_stage, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_tasks)
+        after_stage, probe_judged = fresh_batch(lm, embedder, sandbox, cfg, domain, cycle + 1, probe_tasks,
+                                                checker)
         after = summarize(after_stage.records, cfg.scorer, plugins_of(*signal))
         log_stage("after", after_stage, after)
 
@@ -1607,6 +1693,7 @@ def run(cfg: Config, team: Team = Team()) -> dict:
     saved = check_run_directory(run_dir, cfg, experiment_settings(cfg), CONFIG_DEFAULTS)
     domain = load_domain(cfg.tasks_file, cfg.domain)
     check_golds_there(cfg, domain)
+    check_tools_there(cfg, domain)
     if cfg.select == "oracle" and team.main:
         print("note: --select oracle trains on the candidates that match their task's gold command: it uses "
               "labels (the ceiling of any selection), it is not a label-free signal", flush=True)
@@ -1620,11 +1707,15 @@ def run(cfg: Config, team: Team = Team()) -> dict:
                 write_results(run_dir, saved["history"], wall_s=None)
         return saved
     sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
-    with sandbox if sandbox is not None else contextlib.nullcontext():
+    checker = team.together(lambda: open_tool_checker(cfg, domain, team))
+    with contextlib.ExitStack() as opened:
+        for box in (sandbox, checker):
+            if box is not None:
+                opened.enter_context(box)
         lock = team.together(lambda: hold_run_directory(run_dir) if team.main else None)
         reporter = open_reporter(cfg.report_to, run_dir, main=team.main, resumed=saved is not None)
         try:
-            return run_cycles(cfg, run_dir, saved, domain, sandbox, team, reporter)
+            return run_cycles(cfg, run_dir, saved, domain, sandbox, team, reporter, checker)
         finally:
             reporter.close()
             if lock is not None:

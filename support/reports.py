@@ -2,7 +2,7 @@
 history, progress.json, its closing lines, the run's last), progress.png,
 self_improvement_results.json, and `compare`'s table and plot (runs side by side).
 
-The rest may call: log_stage, duration, plot_progress, write_results, compare_runs,
+The rest may call: log_stage, tools_line, duration, plot_progress, write_results, compare_runs,
 log_training, log_evaluation, record_cycle, log_cycle_end, log_done, score_correlations, pooled_correlations, curve,
 eval_figures, figures_over, experiment_kind.
 """
@@ -41,8 +41,16 @@ def log_stage(label: str, stage, summary: dict) -> None:
              f", likelihood of {t['likelihood_scored']} ({t['likelihood_s']:.1f}s)" if "likelihood_s" in t else "")
           + (f"; execution passed {summary['execution_pass_rate']:.2f}, agreed {summary['agreement_rate']:.2f}"
              + (f", ladder {summary['mean_ladder']:.2f}" if "mean_ladder" in summary else "")
-             + f" ({t['execute_s']:.1f}s)" if "execute_s" in t else ""),
+             + f" ({t['execute_s']:.1f}s)" if "execute_s" in t else "")
+          + (f"; {tools_line(summary)} ({t['tools_s']:.1f}s)" if "tools_s" in t else ""),
           flush=True)
+
+
+def tools_line(summary: dict) -> str:
+    """What the domain's real tools made of a batch: 'tools accepted 0.12 (0.40 of 30 run)'."""
+    of_run = summary["tools_accepted_of_run"]
+    return (f"tools accepted {summary['tools_accepted_rate']:.2f} "
+            + (f"({of_run:.2f} of {summary['tools_run']} run)" if of_run is not None else "(none run)"))
 
 
 def log_training(training: dict) -> None:
@@ -191,7 +199,9 @@ def plot_progress(history: dict, path: Path) -> None:
             ("NLC2CMD score", ("eval", "nlc2cmd"), "eval_initial"),
             ("exact match", ("eval", "exact_match"), "eval_initial"),
             ("held-out tasks: success", ("eval_domain", "success_rate"), "eval_domain_initial"),
-            ("held-out tasks: mean reward", ("eval_domain", "mean_reward"), "eval_domain_initial")]),
+            ("held-out tasks: mean reward", ("eval_domain", "mean_reward"), "eval_domain_initial"),
+            ("probe: the real tools accept", ("probe", "tools_accepted_rate"), "probe_initial"),
+            ("fresh batch: the real tools accept", ("after", "tools_accepted_rate"), None)]),
         (axes[1][0], "command-token training loss", [
             ("first step", ("training", "loss_first"), None), ("last step", ("training", "loss_last"), None),
             ("mean", ("training", "loss_mean"), None)]),
@@ -361,6 +371,40 @@ def oracle_share_lines(successes: dict, base: dict) -> list[str]:
     return lines
 
 
+def probe_tool_verdicts(run_dir: Path, cycle: int) -> dict | None:
+    """The probe's tools verdicts at a cycle, by task: accepted or not (None where not judged)."""
+    path = run_dir / ("probe_cycle_0.jsonl" if cycle == 0 else f"examples_cycle_{cycle}.jsonl")
+    if not path.is_file():
+        return None
+    rows = [r for r in read_jsonl(path) if cycle == 0 or r.get("stage") == "probe"]
+    if not rows or "tool_verdict" not in rows[0]:
+        return None
+    return {r["task"]: r["tool_verdict"] == "accepted" for r in rows}
+
+
+def tools_lines(runs: dict) -> list[str]:
+    """Per run judged by the domain's tools: the share of the probe's commands they accept,
+    untrained against the last cycle, paired on the probe's tasks (the same every cycle), with
+    the paired interval and McNemar's exact test."""
+    from support import statistics
+    lines = []
+    for d, h in runs.items():
+        start, end = probe_tool_verdicts(Path(d), 0), probe_tool_verdicts(Path(d), len(h["cycles"]))
+        if not start or not end or set(start) != set(end):
+            continue
+        tasks = sorted(start)
+        before, after = [start[t] for t in tasks], [end[t] for t in tasks]
+        change, ci = statistics.paired_difference(after, before)
+        test = statistics.mcnemar_exact(after, before)
+        if not lines:
+            lines += ["", "the real tools accept the probe's commands, untrained -> last cycle (paired on the probe's "
+                          "tasks; McNemar: only last / only untrained):"]
+        lines.append(f"  {Path(d).name}: {sum(before) / len(tasks):.3f} -> {sum(after) / len(tasks):.3f} of "
+                     f"{len(tasks)} tasks, change {change:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], McNemar "
+                     f"{test['only_treated']}/{test['only_control']}, p = {test['p']:.2f}")
+    return lines
+
+
 def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] | None = None,
                  baseline: str | None = None) -> str:
     """A table of runs side by side, and groups of runs that differ only by seed, averaged. With
@@ -373,6 +417,9 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
     held_out = any("eval_domain_initial" in h or any("eval_domain" in c for c in h["cycles"]) for h in runs.values())
     if held_out:  # --eval domain: the domain's held-out tasks
         columns += ["held-out success 0->N", "held-out reward 0->N"]
+    tooled = any("tools_accepted_rate" in h.get("probe_initial", {}) for h in runs.values())
+    if tooled:  # --eval tools: what the domain's real tools accept, of the probe's commands
+        columns += ["tools accept probe 0->N"]
     rows, finals = [], {}
     for d, h in runs.items():
         last = h["cycles"][-1] if h["cycles"] else {}
@@ -389,6 +436,9 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
             start, end = h.get("eval_domain_initial") or {}, last.get("eval_domain") or {}
             rows[-1] += [f"{fmt(start.get(k, '-'))} -> {fmt(end.get(k, '-'))}" if start or end else "-"
                          for k in ("success_rate", "mean_reward")]
+        if tooled:
+            rows[-1].append(f"{fmt(h.get('probe_initial', {}).get('tools_accepted_rate', '-'))} -> "
+                            f"{fmt(probe.get('tools_accepted_rate', '-'))}")
     groups_of_runs = {}
     for d, h in runs.items():
         key = json.dumps({k: v for k, v in h["config"].items() if k != "seed"}, sort_keys=True)
@@ -413,6 +463,8 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
             lines.append(f"  {kind} ({len(dirs)} seeds): " + ", ".join(parts))
     lines += baseline_lines(runs, groups_of_runs, baseline, groups)
     lines += baseline_lines(runs, groups_of_runs, baseline, None, key="eval_domain")
+    if tooled:
+        lines += tools_lines(runs)
 
     import matplotlib
     matplotlib.use("Agg")

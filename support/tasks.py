@@ -35,9 +35,12 @@ def check_domain(domain, source: str) -> dict:
         raise UsageError(f"{source}: {msg}")
     if not isinstance(domain, dict):
         fail("the top level must be a JSON object with 'templates' (and 'slots' if they use any)")
-    unknown = set(domain) - {"name", "slots", "templates", "environment"}
+    unknown = set(domain) - {"name", "slots", "templates", "environment", "tools"}
     if unknown:
-        fail(f"unknown key(s) {sorted(unknown)}; expected 'name', 'slots', 'templates', 'environment'")
+        fail(f"unknown key(s) {sorted(unknown)}; expected 'name', 'slots', 'templates', 'environment', 'tools'")
+    tools = domain.get("tools", [])
+    if not (isinstance(tools, list) and all(isinstance(t, str) and re.fullmatch(r"[\w.+-]+", t) for t in tools)):
+        fail("'tools' must be a list of program names (the tools whose own parsers judge the commands: --eval tools)")
     slots = domain.get("slots", {})
     if not isinstance(slots, dict):
         fail("'slots' must be an object mapping slot names to lists of strings")

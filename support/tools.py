@@ -16,9 +16,9 @@ lists each tool's messages and why.
 
     with ToolChecker(["nmap", "nc"]) as checker:
         checker.check(["nmap -sV 10.0.0.1", "nmap --bogus 10.0.0.1", "ls | wc"])
-        # [{"tool": "nmap", "tool_verdict": "accepted", ...}, {... "rejected"}, {... "not run"}]
+        # [{"tool_run": "nmap", "tool_verdict": "accepted", ...}, {... "rejected"}, {... "not run"}]
 
-The rest may call: ToolChecker, program_of, classify, installed, VERDICTS.
+The rest may call: ToolChecker, program_of, classify, installed, summarize_tools, VERDICTS.
 """
 import re
 import shlex
@@ -115,7 +115,7 @@ class ToolChecker:
         return [tool for tool, there in self.present.items() if not there]
 
     def check(self, commands: list[str]) -> list[dict]:
-        """Per command: tool (or None), tool_verdict, tool_output (the last characters of what the
+        """Per command: tool_run (the tool, or None), tool_verdict, tool_output (the last characters of what the
         tool printed, where the verdict is; or why it did not run) and tool_seconds."""
         found = [program_of(c, self.tools) for c in commands]
         runnable = [i for i, (tool, _) in enumerate(found) if tool is not None and self.present[tool]]
@@ -126,22 +126,23 @@ class ToolChecker:
             if i in runs:
                 run = runs[i]
                 verdict = "accepted" if run.timed_out else classify(tool, run.output)
-                results.append({"tool": tool, "tool_verdict": verdict, "tool_output": run.output[-OUTPUT_KEPT:],
+                results.append({"tool_run": tool, "tool_verdict": verdict, "tool_output": run.output[-OUTPUT_KEPT:],
                                 "tool_seconds": run.seconds})
             else:
-                results.append({"tool": tool, "tool_verdict": "not run",
+                results.append({"tool_run": tool, "tool_verdict": "not run",
                                 "tool_output": why if tool is None else f"{tool} is not installed here",
                                 "tool_seconds": 0.0})
         return results
 
 
-def summarize_tools(records: list[dict], tools) -> dict:
+def summarize_tools(records: list[dict]) -> dict:
     """A batch's figures: the share of all candidates the tools accept, the share of those run,
-    and per tool the commands run and accepted."""
+    and per tool that ran the commands run and accepted."""
     verdicts = [r["tool_verdict"] for r in records if "tool_verdict" in r]
+    tools = sorted({r["tool_run"] for r in records if r.get("tool_run") and r["tool_verdict"] != "not run"})
     ran = [v for v in verdicts if v != "not run"]
-    per_tool = {tool: {"run": sum(1 for r in records if r.get("tool") == tool and r["tool_verdict"] != "not run"),
-                       "accepted": sum(1 for r in records if r.get("tool") == tool and r["tool_verdict"] == "accepted")}
+    per_tool = {tool: {"run": sum(1 for r in records if r.get("tool_run") == tool and r["tool_verdict"] != "not run"),
+                       "accepted": sum(1 for r in records if r.get("tool_run") == tool and r["tool_verdict"] == "accepted")}
                 for tool in tools}
     return {"tools_accepted_rate": round(verdicts.count("accepted") / len(verdicts), 4) if verdicts else None,
             "tools_accepted_of_run": round(ran.count("accepted") / len(ran), 4) if ran else None,

@@ -2,11 +2,13 @@
 read, and, in the sandbox, each installed tool on commands written for it: one it accepts, one
 with an unknown flag, one missing an argument, one with a shell operator. The sandbox's network
 is looked at, never used: its interfaces are read, nothing is sent."""
+import json
 import os
 
 import pytest
 
 from conftest import sandbox_unavailable
+import support.reports
 from support import sandbox as sb
 from support import tools
 
@@ -82,14 +84,14 @@ def test_each_tool_in_the_sandbox(checker, tool):
     piped = f"{accepted} | tee scan.txt"
     results = checker.check([accepted, unknown_flag, missing_argument, piped])
     assert [r["tool_verdict"] for r in results] == ["accepted", "rejected", "rejected", "not run"], results
-    assert [r["tool"] for r in results] == [tool, tool, tool, None]
+    assert [r["tool_run"] for r in results] == [tool, tool, tool, None]
     assert results[3]["tool_output"] == "shell operators"
 
 
 def test_a_missing_tool_is_not_run(checker):
     assert "no-such-tool" in checker.missing
     [result] = checker.check(["no-such-tool --version"])
-    assert result == {"tool": "no-such-tool", "tool_verdict": "not run",
+    assert result == {"tool_run": "no-such-tool", "tool_verdict": "not run",
                       "tool_output": "no-such-tool is not installed here", "tool_seconds": 0.0}
 
 
@@ -102,9 +104,86 @@ def test_the_sandbox_has_only_a_loopback(checker):
 
 
 def test_a_batch_summary():
-    records = [{"tool": "nmap", "tool_verdict": "accepted"}, {"tool": "nmap", "tool_verdict": "rejected"},
-               {"tool": None, "tool_verdict": "not run"}, {"tool": "nc", "tool_verdict": "accepted"}]
-    assert tools.summarize_tools(records, ["nmap", "nc", "hydra"]) == {
+    records = [{"tool_run": "nmap", "tool_verdict": "accepted"}, {"tool_run": "nmap", "tool_verdict": "rejected"},
+               {"tool_run": None, "tool_verdict": "not run"}, {"tool_run": "nc", "tool_verdict": "accepted"}]
+    assert tools.summarize_tools(records) == {
         "tools_accepted_rate": 0.5, "tools_accepted_of_run": round(2 / 3, 4), "tools_run": 3,
-        "tools_per_tool": {"nmap": {"run": 2, "accepted": 1}, "nc": {"run": 1, "accepted": 1},
-                           "hydra": {"run": 0, "accepted": 0}}}
+        "tools_per_tool": {"nc": {"run": 1, "accepted": 1}, "nmap": {"run": 2, "accepted": 1}}}
+
+
+KNOWN = ["nmap -sV -p 80 10.0.0.1", "nmap --no-such-flag 10.0.0.1", "ls -la /tmp", "nmap -sS"]
+
+
+@pytest.fixture
+def known_commands(monkeypatch):
+    """The tiny model's text picks one of KNOWN (by its length): nmap accepts one, rejects two, and
+    one is another program."""
+    import intrinsic_self_improvement as isi
+    monkeypatch.setattr(isi, "extract_command", lambda output: KNOWN[len(output) % len(KNOWN)])
+
+
+def needs_nmap():
+    if tools.installed(["nmap"])["nmap"]:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("nmap must be installed under CI (.ci/run installs it)")
+    pytest.skip("nmap is not installed here (make install installs it)")
+
+
+def test_the_default_run_reports_what_the_tools_accept(tiny_model_dir, tmp_path, known_commands):
+    """No --eval: the pentest domain names its tools, so the run reports their verdicts on the probe
+    and the fresh batch every cycle, and the plot's evaluation panel has them."""
+    import intrinsic_self_improvement as isi
+    from conftest import read_progress, tiny_args
+    needs_nmap()
+    try:
+        assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "t")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    run_dir = tmp_path / "t"
+    history = read_progress(run_dir)["history"]
+    examples = [json.loads(line) for line in (run_dir / "examples_cycle_2.jsonl").read_text().splitlines()]
+    for record in examples:
+        expected = {KNOWN[0]: "accepted", KNOWN[1]: "rejected", KNOWN[2]: "not run", KNOWN[3]: "rejected"}
+        assert record["tool_verdict"] == expected[record["command"]], record
+    for summary in [history["probe_initial"], *(c[k] for c in history["cycles"] for k in ("after", "probe"))]:
+        assert 0 <= summary["tools_accepted_rate"] <= 1 and summary["tools_run"] >= 0
+    after = [r for r in examples if r["stage"] == "after"]
+    assert history["cycles"][1]["after"]["tools_accepted_rate"] == round(
+        sum(r["tool_verdict"] == "accepted" for r in after) / len(after), 4)
+    xs, ys = support.reports.curve(history, "probe", "tools_accepted_rate", initial="probe_initial")
+    assert xs == [0, 1, 2]  # the evaluation panel's line
+    # compare: the column, and the probe's verdicts paired from the untrained model to the last cycle
+    table = support.reports.compare_runs([str(run_dir)], tmp_path / "compare.png")
+    assert "tools accept probe 0->N" in table
+    probe0 = [json.loads(line) for line in (run_dir / "probe_cycle_0.jsonl").read_text().splitlines()]
+    probe2 = sorted((r for r in examples if r["stage"] == "probe"), key=lambda r: r["task"])
+    start = sum(r["tool_verdict"] == "accepted" for r in probe0) / len(probe0)
+    end = sum(r["tool_verdict"] == "accepted" for r in probe2) / len(probe2)
+    assert f"  t: {start:.3f} -> {end:.3f} of {len(probe2)} tasks, change {end - start:+.3f}" in table
+
+
+def test_the_tools_signal_keeps_what_the_tools_accept(tiny_model_dir, tmp_path, known_commands):
+    import intrinsic_self_improvement as isi
+    from conftest import tiny_args
+    needs_nmap()
+    try:
+        assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "s", "--signal", "tools",
+                                  "--eval", "none")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    examples = [json.loads(line) for line in (tmp_path / "s" / "examples_cycle_1.jsonl").read_text().splitlines()]
+    before = [r for r in examples if r["stage"] == "before"]
+    assert [r["selected"] for r in before] == [r["tool_verdict"] == "accepted" for r in before]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--domain", "bash", "--eval", "tools"], "--eval tools runs the domain's tools, and the bash domain names none"),
+    (["--eval", "tools,tools"], "--eval: none, auto, or some of nl2bash, domain, tools"),
+    (["--eval", "everything"], "--eval: none, auto, or some of nl2bash, domain, tools"),
+])
+def test_bad_tools_requests_are_one_line(extra, message, tiny_model_dir, tmp_path, capsys):
+    import intrinsic_self_improvement as isi
+    from conftest import one_line_error, tiny_args
+    assert isi.main(tiny_args(tiny_model_dir, tmp_path, *extra)) == 2
+    assert message in one_line_error(capsys)

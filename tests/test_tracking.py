@@ -65,10 +65,10 @@ def test_a_run_writes_every_cycle_figure_once_and_a_resume_continues(tiny_model_
     # the third cycle stops after its training and fresh batch, before its progress.json
     fresh_batch = isi.fresh_batch
 
-    def stopping(lm, embedder, sandbox, cfg, domain, index, probe_tasks):
+    def stopping(lm, embedder, sandbox, cfg, domain, index, *rest):
         if index == 4:
             raise KeyboardInterrupt
-        return fresh_batch(lm, embedder, sandbox, cfg, domain, index, probe_tasks)
+        return fresh_batch(lm, embedder, sandbox, cfg, domain, index, *rest)
 
     monkeypatch.setattr(isi, "fresh_batch", stopping)
     assert isi.main(args + ["--cycles", "3", "--resume"]) != 0
