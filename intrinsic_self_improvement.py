@@ -1602,8 +1602,8 @@ def run_cycles(cfg: Config, run_dir: Path, saved: dict | None, domain: dict, san
                team: Team, reporter, checker=None) -> dict:
     """The loop, from cycle 0 or from the last completed cycle of `saved`; `sandbox` runs the
     commands in the domain's file system (None: not run), `checker` puts them to the domain's real
-    tools (None: not), `reporter` shows each completed cycle where runs are watched (--report-to). Every process of the team runs it; only the main one
-    writes the run directory."""
+    tools (None: not), `reporter` shows each completed cycle where runs are watched (--report-to).
+    Every process of the team runs it; only the main one writes the run directory."""
     probe_tasks = draw_tasks(domain, cfg.probe_tasks, random.Random(stage_seed(cfg.seed, "probe")),
                              exclude=held_out_texts(domain), distinct=True)
     # the other processes learn whether the main one could write the run directory
@@ -1706,12 +1706,13 @@ def run(cfg: Config, team: Team = Team()) -> dict:
                 prepare_run_directory(run_dir, saved["last_completed_cycle"])
                 write_results(run_dir, saved["history"], wall_s=None)
         return saved
-    sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
-    checker = team.together(lambda: open_tool_checker(cfg, domain, team))
-    with contextlib.ExitStack() as opened:
-        for box in (sandbox, checker):
-            if box is not None:
-                opened.enter_context(box)
+    with contextlib.ExitStack() as opened:  # each sandbox is removed however the run ends
+        sandbox = team.together(lambda: open_sandbox(cfg, domain, team))
+        if sandbox is not None:
+            opened.enter_context(sandbox)
+        checker = team.together(lambda: open_tool_checker(cfg, domain, team))
+        if checker is not None:
+            opened.enter_context(checker)
         lock = team.together(lambda: hold_run_directory(run_dir) if team.main else None)
         reporter = open_reporter(cfg.report_to, run_dir, main=team.main, resumed=saved is not None)
         try:
