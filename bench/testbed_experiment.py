@@ -105,12 +105,16 @@ def main() -> int:
         transfer = loop_experiment.arm_figures(runs["eval"], base["eval"])
         pairs = {d.name: [c["training"]["selected"] for c in json.loads((d / "progress.json").read_text())
                           ["history"]["cycles"]] for d in dirs}
+        # the smallest change this design detects (80% power, two-sided 5%): 2.8 standard errors,
+        # the standard error read off the paired interval (3.92 of them wide)
+        domain["detectable_change"] = round(2.8 * (domain["change_ci"][1] - domain["change_ci"][0]) / 3.92, 4)
         report["arms"][arm] = {"domain_success": domain, "nl2bash": transfer, "pairs": pairs}
         print(f"\n{arm}\n  held-out success ({domain['items']} tasks): {loop_experiment.fmt(domain)}"
               f"\n  NL2Bash 3-5, success where doing nothing fails ({transfer['success_nontrivial']['items']} items): "
               f"{loop_experiment.fmt(transfer['success_nontrivial'])}"
               f"\n  NL2Bash 3-5, beats doing nothing ({transfer['beats_nothing']['items']} items): "
-              f"{loop_experiment.fmt(transfer['beats_nothing'])}\n  pairs per cycle: {pairs}")
+              f"{loop_experiment.fmt(transfer['beats_nothing'])}\n  pairs per cycle: {pairs}; smallest detectable change "
+              f"in held-out success about {domain['detectable_change']:.3f}")
     report["share_of_oracle_lift"] = shares(finished, base["eval_domain"])
     for arm, share in report["share_of_oracle_lift"].items():
         interval = "" if share["share_ci"] is None else f" [{share['share_ci'][0]:+.2f}, {share['share_ci'][1]:+.2f}]"

@@ -109,3 +109,18 @@ def test_compare_reports_each_arms_share_of_the_oracles_lift():
     flat = oracle_share_lines({oracle: {i: float(k < 10) for k, i in enumerate(items)}, arm: successes[arm]}, base)
     assert "none to share (the oracle's lift is +0.000" in flat[1]
     assert oracle_share_lines({arm: successes[arm]}, base) == []  # no oracle among the runs
+
+
+def test_the_testbed_experiments_shares():
+    """bench/testbed_experiment.py: per held-out item the mean success over an arm's seeds, then
+    the share of the oracle's lift over the untrained model (known answers: the oracle's seeds
+    solve items 0-3 and 0-1, the untrained model item 0, the arm items 0-1 in one seed of two)."""
+    import testbed_experiment
+    def outcomes(solved):
+        return {f"h{k}": (k in solved, k in solved, False) for k in range(10)}
+    base = outcomes({0})
+    arms = {"oracle": [outcomes({0, 1, 2, 3}), outcomes({0, 1})], "inversion": [outcomes({0, 1}), outcomes({0})]}
+    share = testbed_experiment.shares(arms, base)["inversion"]
+    assert share["oracle_lift"] == pytest.approx(0.2) and share["arm_lift"] == pytest.approx(0.05)
+    assert share["share"] == pytest.approx(0.25)
+    assert set(testbed_experiment.shares(arms, base)) == {"inversion"}
