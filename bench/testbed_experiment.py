@@ -77,24 +77,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=str(ROOT / "output" / "testbed_arms"))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated (default: 0,1,2)")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     walls, started = {}, time.perf_counter()
     base_records = untrained(output)
     walls["untrained evaluation"] = round(time.perf_counter() - started, 1)
     if not args.report_only:
-        for seed in SEEDS:
+        for seed in seeds:
             for arm, extra in ARMS.items():
                 walls[f"{arm}_seed{seed}"] = round(loop_experiment.run_one(output, f"{arm}_seed{seed}", seed, extra,
                                                                                 SETTINGS, CYCLES), 1)
     base = {key: domain_outcomes(records) for key, records in base_records.items()}
-    report = {"settings": SETTINGS, "wall_s_this_invocation": walls, "arms": {},
+    report = {"settings": SETTINGS, "seeds": seeds, "wall_s_this_invocation": walls, "arms": {},
               "untrained": {"domain_success": round(sum(o[0] for o in base["eval_domain"].values())
                                                     / len(base["eval_domain"]), 4)}}
     finished = {}
     for arm in ARMS:
-        dirs = [output / f"{arm}_seed{seed}" for seed in SEEDS]
+        dirs = [output / f"{arm}_seed{seed}" for seed in seeds]
         finals = {key: [d / f"{key}_cycle_{CYCLES}.jsonl" for d in dirs] for key in ("eval", "eval_domain")}
         if not all(f.is_file() for files in finals.values() for f in files):
             print(f"{arm}: not every seed has finished")

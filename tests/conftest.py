@@ -48,10 +48,12 @@ def mistral_model_dir(tmp_path_factory) -> Path:
 
 def tiny_args(model_dir, output, *extra) -> list[str]:
     """A run of seconds: few tasks, short caps, lexical scorer, threshold 0 so every cycle trains;
-    in fp32 on every machine (--precision auto's choice is measured per machine)."""
+    in fp32 on every machine (--precision auto's choice is measured per machine), and without the
+    tools' truth (--eval auto's depends on the sandbox; tests/test_tools.py asks for it)."""
     return ["--model", str(model_dir), "--output", str(output), "--tasks", "3", "--candidates", "2",
             "--probe-tasks", "2", "--max-command-tokens", "6", "--max-inversion-tokens", "6",
-            "--scorer", "lexical", "--threshold", "0", "--batch-size", "2", "--precision", "fp32", *extra]
+            "--scorer", "lexical", "--threshold", "0", "--batch-size", "2", "--precision", "fp32",
+            "--eval", "none", *extra]
 
 
 def load_tiny(tiny_model_dir, *extra):

@@ -59,6 +59,7 @@ def test_which_commands_reach_a_tool(command, expected):
     ("masscan", "[-] FAIL: could not determine default interface", "accepted"),
     ("nc", "nc: connect to 10.0.0.1 port 80 (tcp) failed: Network is unreachable", "accepted"),
     ("nc", "usage: nc [-46CDdFhklNnrStUuvZz]", "rejected"),
+    ("nc", "", "accepted"),  # nc -l, listening until the time limit
 ])
 def test_a_tools_own_messages(tool, output, verdict):
     assert tools.classify(tool, output) == verdict
@@ -131,13 +132,13 @@ def needs_nmap():
 
 
 def test_the_default_run_reports_what_the_tools_accept(tiny_model_dir, tmp_path, known_commands):
-    """No --eval: the pentest domain names its tools, so the run reports their verdicts on the probe
-    and the fresh batch every cycle, and the plot's evaluation panel has them."""
+    """--eval auto, the default: the pentest domain names its tools, so the run reports their
+    verdicts on the probe and the fresh batch every cycle, and the plot's evaluation panel has them."""
     import intrinsic_self_improvement as isi
     from conftest import read_progress, tiny_args
     needs_nmap()
     try:
-        assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "t")) == 0
+        assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "t", "--eval", "auto")) == 0
     except sb.SandboxUnavailable as error:
         sandbox_unavailable(error)
     run_dir = tmp_path / "t"
