@@ -48,6 +48,7 @@ REJECTED = [re.compile(p, re.I | re.M) for p in (
     r"FATAL: Incorrect parameter", r"^dirb <url_base>",  # dirb
     r"QUITTING!",  # nmap, on an option it cannot use
     r"using 'STDIN' for parsing targets list",  # sqlmap given no target (a terminal would get its usage)
+    r"invalid target details",  # sqlmap -d with a malformed connection string
 )]
 # nmap warns "No targets were specified" when it was given none, and also after a given target
 # could not be resolved or routed; only the first is a missing argument

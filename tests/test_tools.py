@@ -56,6 +56,8 @@ def test_which_commands_reach_a_tool(command, expected):
     ("gobuster", "Error: unknown shorthand flag: 'u' in -u", "rejected"),
     ("gobuster", "Error: required flag(s) \"url\", \"wordlist\" not set", "rejected"),
     ("sqlmap", "Usage: python3 sqlmap [options]\n\nsqlmap: error: no such option: --bogus", "rejected"),
+    ("sqlmap", "[CRITICAL] invalid target details, valid syntax is for instance 'mysql://USER:PASSWORD@DBMS_IP:"
+               "DBMS_PORT/DATABASE_NAME' or 'access://DATABASE_FILEPATH'", "rejected"),
     ("masscan", "[-] FAIL: could not determine default interface", "accepted"),
     ("nc", "nc: connect to 10.0.0.1 port 80 (tcp) failed: Network is unreachable", "accepted"),
     ("nc", "usage: nc [-46CDdFhklNnrStUuvZz]", "rejected"),
