@@ -59,11 +59,6 @@ def untrained(output: Path) -> dict[str, list[dict]]:
     return {key: read_jsonl(path) for key, path in paths.items()}
 
 
-def domain_outcomes(records: list[dict]) -> dict:
-    """Per held-out task: (success, beats_nothing, trivial_item), as loop_experiment.outcomes."""
-    return loop_experiment.outcomes(records)
-
-
 def shares(arms: dict, base: dict) -> dict:
     """Each arm's share of the oracle's lift in held-out success (per item the mean over seeds)."""
     items = sorted(base)
@@ -90,7 +85,7 @@ def main() -> int:
             for arm, extra in ARMS.items():
                 walls[f"{arm}_seed{seed}"] = round(loop_experiment.run_one(output, f"{arm}_seed{seed}", seed, extra,
                                                                                 SETTINGS, CYCLES), 1)
-    base = {key: domain_outcomes(records) for key, records in base_records.items()}
+    base = {key: loop_experiment.outcomes(records) for key, records in base_records.items()}
     report = {"settings": SETTINGS, "seeds": seeds, "wall_s_this_invocation": walls, "arms": {},
               "untrained": {"domain_success": round(sum(o[0] for o in base["eval_domain"].values())
                                                     / len(base["eval_domain"]), 4)}}
@@ -101,7 +96,7 @@ def main() -> int:
         if not all(f.is_file() for files in finals.values() for f in files):
             print(f"{arm}: not every seed has finished")
             continue
-        runs = {key: [domain_outcomes(read_jsonl(f)) for f in files] for key, files in finals.items()}
+        runs = {key: [loop_experiment.outcomes(read_jsonl(f)) for f in files] for key, files in finals.items()}
         finished[arm] = runs["eval_domain"]
         domain = loop_experiment.arm_figures(runs["eval_domain"], base["eval_domain"])["success_nontrivial"]
         transfer = loop_experiment.arm_figures(runs["eval"], base["eval"])

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from conftest import sandbox_unavailable
+from conftest import one_line_error, read_progress, sandbox_unavailable, tiny_args
+import intrinsic_self_improvement as isi
 import support.reports
 from support import sandbox as sb
 from support import tools
@@ -67,6 +68,15 @@ def test_a_tools_own_messages(tool, output, verdict):
     assert tools.classify(tool, output) == verdict
 
 
+def needs_tool(tool: str) -> None:
+    """Skip a test whose tool is not installed, saying why; under CI, which installs it, fail."""
+    if tools.installed([tool])[tool]:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{tool} must be installed under CI (.ci/run installs it)")
+    pytest.skip(f"{tool} is not installed here (make install installs it)")
+
+
 @pytest.fixture(scope="module")
 def checker():
     try:
@@ -79,10 +89,7 @@ def checker():
 
 @pytest.mark.parametrize("tool", sorted(COMMANDS))
 def test_each_tool_in_the_sandbox(checker, tool):
-    if not checker.present[tool]:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} must be installed under CI (.ci/run installs it)")
-        pytest.skip(f"{tool} is not installed here (make install installs it)")
+    needs_tool(tool)
     accepted, unknown_flag, missing_argument = COMMANDS[tool]
     piped = f"{accepted} | tee scan.txt"
     results = checker.check([accepted, unknown_flag, missing_argument, piped])
@@ -121,24 +128,15 @@ KNOWN = ["nmap -sV -p 80 10.0.0.1", "nmap --no-such-flag 10.0.0.1", "ls -la /tmp
 def known_commands(monkeypatch):
     """The tiny model's text picks one of KNOWN (by its length): nmap accepts one, rejects two, and
     one is another program."""
-    import intrinsic_self_improvement as isi
     monkeypatch.setattr(isi, "extract_command", lambda output: KNOWN[len(output) % len(KNOWN)])
 
 
-def needs_nmap():
-    if tools.installed(["nmap"])["nmap"]:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail("nmap must be installed under CI (.ci/run installs it)")
-    pytest.skip("nmap is not installed here (make install installs it)")
 
 
 def test_the_default_run_reports_what_the_tools_accept(tiny_model_dir, tmp_path, known_commands):
     """--eval auto, the default: the pentest domain names its tools, so the run reports their
     verdicts on the probe and the fresh batch every cycle, and the plot's evaluation panel has them."""
-    import intrinsic_self_improvement as isi
-    from conftest import read_progress, tiny_args
-    needs_nmap()
+    needs_tool("nmap")
     try:
         assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "2", "--name", "t", "--eval", "auto")) == 0
     except sb.SandboxUnavailable as error:
@@ -167,9 +165,7 @@ def test_the_default_run_reports_what_the_tools_accept(tiny_model_dir, tmp_path,
 
 
 def test_the_tools_signal_keeps_what_the_tools_accept(tiny_model_dir, tmp_path, known_commands):
-    import intrinsic_self_improvement as isi
-    from conftest import tiny_args
-    needs_nmap()
+    needs_tool("nmap")
     try:
         assert isi.main(tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--name", "s", "--signal", "tools",
                                   "--eval", "none")) == 0
@@ -186,7 +182,5 @@ def test_the_tools_signal_keeps_what_the_tools_accept(tiny_model_dir, tmp_path, 
     (["--eval", "everything"], "--eval: none, auto, or some of nl2bash, domain, tools"),
 ])
 def test_bad_tools_requests_are_one_line(extra, message, tiny_model_dir, tmp_path, capsys):
-    import intrinsic_self_improvement as isi
-    from conftest import one_line_error, tiny_args
     assert isi.main(tiny_args(tiny_model_dir, tmp_path, *extra)) == 2
     assert message in one_line_error(capsys)
