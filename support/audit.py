@@ -327,6 +327,10 @@ def audit_table(figures: dict) -> str:
     """The printed table: one row per signal, its intervals, and the reference points."""
     p = figures["positives"]
     lines = [
+        "truth: the domain's real tools accept the command line (no gold commands here: success is "
+        "'accepted'; doing nothing runs no tool, so every item counts and beats_nothing is success)",
+    ] if figures.get("truth") == "tools" else []
+    lines += [
         f"{figures['items']} items ({figures['nontrivial_items']} where doing nothing does not "
         f"succeed; {figures.get('broken_items_left_out', 0)} left out, their gold command's program "
         f"missing here), {figures['sampled_candidates']} sampled candidates "

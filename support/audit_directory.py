@@ -63,6 +63,7 @@ def write_figures(audit_dir: Path, rows: list[dict], settings: dict, meta: dict,
     figures = audit_figures(rows, rules=rules, keeps=keeps, threshold=settings["threshold"], bootstrap=bootstrap,
                             shellcheck_available=settings["shellcheck"], seed=settings["seed"],
                             margin=BEATS_NOTHING_MARGIN if margin is None else margin)
+    figures["truth"] = "tools" if settings.get("eval") == "tools" else "execution"
     result = figures | {"settings": settings} | meta
     write_json(audit_dir / "audit.json", result)
     plot_audit(figures, audit_dir / "audit.png")

@@ -3,6 +3,9 @@ item, --candidates sampled commands and the greedy one, every label-free signal 
 table (and any of one's own, `--signal path/to/file.py:NAME`) computed for each by the loop's own
 stages, and InterCode's execution truth against the gold command; then the figures
 (support/audit.py), written chunk by chunk so a stopped audit continues (docs/audit.md).
+With --eval domain the items are a domain's held-out tasks and their golds; with --eval tools,
+a domain without golds (pentest): its tasks, the truth whether the real tool accepts the command
+line (support/tools.py), and the signals that need no file system.
 
 It imports the stages it needs from intrinsic_self_improvement.py; nothing the loop needs lives
 here. The rest may call: main.
@@ -26,9 +29,10 @@ from support.model import EMBEDDED_MODEL, compute_record, load_models
 from support.run_directory import hold_run_directory, load_adapter, read_progress, write_json, write_jsonl
 from support.sandbox import Sandbox, SandboxUnavailable
 from support import shellcheck as static_analyser
-from support.domain_eval import held_out_items
+from support.domain_eval import held_out_items, tool_items
 from support.tasks import environment_script, load_domain
 from support.team import Team, join_team
+from support.tools import ToolChecker, installed
 from support.tracking import check_reporter, report_audit
 
 FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold", "judge",
@@ -37,8 +41,9 @@ FLAGS = ("model", "candidates", "temperature", "invert_temperature", "threshold"
          "max_inversion_tokens", "gen_batch_size", "output", "name", "report_to")
 DEFAULTS = {"candidates": 8, "domain": "bash", "output": "./output/audit", "model": None, "eval": "nl2bash"}
 RUN_ONLY = {"output", "name", "eval_workers", "cpu_matmul", "device", "report_to"}
-# the audit's items and truth: NL2Bash's, or the domain's held-out tasks against their gold commands
-AUDITED_ON = ("nl2bash", "domain")
+# the audit's items and truth: NL2Bash's, the domain's held-out tasks against their gold commands, or
+# the domain's tasks against its real tools' verdict (a domain that names tools and has no golds)
+AUDITED_ON = ("nl2bash", "domain", "tools")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,7 +51,9 @@ def parser() -> argparse.ArgumentParser:
         prog="intrinsic_self_improvement.py audit", allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score every label-free signal against execution truth on NL2Bash (or, with "
-        "--eval domain, on the task domain's held-out tasks against their gold commands): for each "
+        "--eval domain, on the task domain's held-out tasks against their gold commands; with --eval "
+        "tools, on the tasks of a domain that names its tools, such as pentest, against whether the "
+        "real tool accepts the command line): for each "
         "item, --candidates sampled commands and the greedy one, every signal computed for each, "
         "and InterCode's reward against the gold command; AUROC, Spearman and top-1 reranking "
         "with bootstrap intervals over items (docs/audit.md). The same command continues a "
@@ -110,24 +117,35 @@ def audit_config(args: argparse.Namespace) -> isi.Config:
         values |= {k: trained[k] for k in ("model", "lora_r", "lora_alpha", "lora_dropout")}
     values["model"] = values["model"] or EMBEDDED_MODEL
     if values["eval"] not in AUDITED_ON:
-        raise UsageError(f"audit --eval: nl2bash (InterCode's items) or domain (the task domain's held-out "
-                         f"tasks), got {values['eval']}")
+        raise UsageError(f"audit --eval: nl2bash (InterCode's items), domain (the task domain's held-out "
+                         f"tasks) or tools (the domain's tasks, against its real tools), got {values['eval']}")
     cfg = isi.validate(isi.Config(**values))
     domain = load_domain(cfg.tasks_file, cfg.domain)
+    if cfg.eval == "tools":
+        isi.check_tools_there(cfg, domain)
+        for plugin in args.plugins:
+            if "execution" in plugin.needs:
+                raise UsageError(f"--signal {plugin.name} needs execution, and audit --eval tools runs no "
+                                 f"command in a file system (only the domain's tools, for the truth)")
+        return cfg
     if environment_script(domain) is None:
         raise UsageError(f"audit runs commands in the domain's file system, and the "
-                         f"{isi.domain_label(cfg)} domain has none (bash has one)")
+                         f"{isi.domain_label(cfg)} domain has none (bash has one"
+                         f"{'; audit --eval tools audits against its tools' if domain.get('tools') else ''})")
     isi.check_golds_there(cfg, domain)
     return cfg
 
 
-def audited_items(cfg: isi.Config) -> tuple[list[dict], dict | None]:
+def audited_items(cfg: isi.Config, tools=()) -> tuple[list[dict], dict | None]:
     """The items an audit scores and the file systems their truth runs in (None: NL2Bash's):
-    NL2Bash's (a fixed subset with --eval-limit), or with --eval domain the domain's held-out
-    tasks (the same subset rule)."""
-    if cfg.eval == "domain":
+    NL2Bash's (a fixed subset with --eval-limit), with --eval domain the domain's held-out
+    tasks, with --eval tools the domain's tasks of the `tools` installed here (the same subset
+    rule; no file system)."""
+    if cfg.eval in ("domain", "tools"):
         domain = load_domain(cfg.tasks_file, cfg.domain)
         try:
+            if cfg.eval == "tools":
+                return nl2bash.evenly_spread(tool_items(domain, tools), cfg.eval_limit or None), None
             return (nl2bash.evenly_spread(held_out_items(domain), cfg.eval_limit or None),
                     {"domain": (environment_script(domain), None)})
         except ValueError as err:
@@ -147,7 +165,8 @@ def audit_name(cfg: isi.Config, adapter: str | None, plugins: list = ()) -> str:
         f"{Path(adapter).resolve().parent.name}_{Path(adapter).name.replace('checkpoint_', '')}")
     judge = "_frozen-judge" if cfg.judge == "frozen" else ""
     own = "".join(f"_{p.name}" for p in plugins)
-    on = f"_{cfg.domain if cfg.tasks_file is None else Path(cfg.tasks_file).stem}-held-out" if cfg.eval == "domain" else ""
+    on = {"domain": "-held-out", "tools": "-tools"}.get(cfg.eval)
+    on = f"_{cfg.domain if cfg.tasks_file is None else Path(cfg.tasks_file).stem}{on}" if on else ""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{model}_{trained}{judge}{on}_k{cfg.candidates}_seed{cfg.seed}{own}")
 
 
@@ -155,8 +174,9 @@ def audit_name(cfg: isi.Config, adapter: str | None, plugins: list = ()) -> str:
 # The columns: the signal table's audited signals, then one's own
 # ---------------------------------------------------------------------------------------------
 
-def audited_signals(plugins: list) -> list:
-    return [s for s in isi.SIGNALS.values() if s.audited] + plugins
+def audited_signals(plugins: list, on_tools: bool = False) -> list:
+    """The columns' signals; on the tools' truth (--eval tools) those that need no file system."""
+    return [s for s in isi.SIGNALS.values() if s.audited and not (on_tools and "execution" in s.needs)] + plugins
 
 
 class Column(NamedTuple):
@@ -218,6 +238,16 @@ def audit_inversion(lm, embedder, cfg: isi.Config, records: list[dict], *, greed
     return scored, seconds
 
 
+def tools_truth(verdicts: list[dict]) -> list[dict]:
+    """The truth of --eval tools, per command as execution_truth's fields: success (and reward 1)
+    where the domain's real tool accepted the command line; doing nothing runs no tool, so its
+    reward is 0, no item is trivial, and beats_nothing is success. The tool's verdict kept."""
+    return [{"success": v["tool_verdict"] == "accepted", "reward": float(v["tool_verdict"] == "accepted"),
+             "beats_reward": float(v["tool_verdict"] == "accepted"), "nothing_reward": 0.0,
+             "beats_nothing": v["tool_verdict"] == "accepted", "trivial_item": False, "gold_broken": False} | v
+            for v in verdicts]
+
+
 def execution_truth(cfg: isi.Config, team: Team, items: list[dict], commands: list[list[str]],
                     setups: dict | None = None):
     """Each item's commands in the item's own file system, beside the gold command (run afresh:
@@ -266,9 +296,10 @@ def executed(runs: list, checks: tuple, per_item: int) -> list[dict]:
 
 
 def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk: int,
-                plugins: list, setups: dict | None = None) -> list[dict]:
+                plugins: list, setups: dict | None = None, checker=None) -> list[dict]:
     """Every candidate of some items (K sampled and the greedy one, in that order per item) with
-    every audited signal, and its execution truth against the gold command."""
+    every audited signal, and its execution truth against the gold command; with --eval tools
+    (`checker`, and no sandbox), the signals that need no file system and the tools' verdict."""
     seed, label, k = isi.stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
     tasks, n, timers = [isi.Task(item["query"], item.get("tool")) for item in items], len(items), {}
     started = time.perf_counter()
@@ -294,34 +325,39 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
     for i, c, r in zip(scored_at, coder, reviewer):
         likelihood[i] = isi.likelihood_fields(c, r) | {"coder_reviewer": round(c + r, 5)}
     records = [r | fields for r, fields in zip(records, likelihood)]
-    runs, timers["execution"] = isi.run_commands(sandbox, records, lm.team)
-    checks = isi.static_checks([r["command"] if r["usable"] else None for r in records])
-    timers |= checks[2]
-    records = [r | fields for r, fields in zip(records, executed(runs, checks[:2], k + 1))]
-    started = time.perf_counter()
-    truth = execution_truth(cfg, lm.team, items, [[r["command"] for r in records[j:j + k + 1]]
-                                                  for j in range(0, len(records), k + 1)], setups)
-    timers["execution_itemfs"] = time.perf_counter() - started
-    item_runs = [run if r["usable"] else None
-                 for r, run in zip(records, (run for runs_of_item, _ in truth for run in runs_of_item))]
-    on_item = [r | fields for r, fields in zip(records, executed(item_runs, checks[:2], k + 1))]
+    if checker is not None:  # the truth is the tools' verdict; no command runs in a file system
+        verdicts = isi.check_tools(checker, records, lm.team).records
+        truth = [([], tools_truth(verdicts[j:j + k + 1])) for j in range(0, len(records), k + 1)]
+        records = [r | {"verdict": v["tool_verdict"]} for r, v in zip(records, verdicts)]
+        on_item = records
+    else:
+        runs, timers["execution"] = isi.run_commands(sandbox, records, lm.team)
+        checks = isi.static_checks([r["command"] if r["usable"] else None for r in records])
+        timers |= checks[2]
+        records = [r | fields for r, fields in zip(records, executed(runs, checks[:2], k + 1))]
+        started = time.perf_counter()
+        truth = execution_truth(cfg, lm.team, items, [[r["command"] for r in records[j:j + k + 1]]
+                                                      for j in range(0, len(records), k + 1)], setups)
+        timers["execution_itemfs"] = time.perf_counter() - started
+        item_runs = [run if r["usable"] else None
+                     for r, run in zip(records, (run for runs_of_item, _ in truth for run in runs_of_item))]
+        on_item = [r | fields for r, fields in zip(records, executed(item_runs, checks[:2], k + 1))]
     for signal in plugins:
         started = time.perf_counter()
         records = isi.plugin_values(signal, records, f"in audit chunk {chunk}")
         timers[signal.name] = time.perf_counter() - started
-    rows = []
+    rows, audited = [], columns(audited_signals(plugins, on_tools=checker is not None))
     for j, (record, truths) in enumerate(zip(records, (t for _, item_truths in truth for t in item_truths))):
         item = items[j // (k + 1)]
         signals = {}
-        for column in columns(audited_signals(plugins)):
+        for column in audited:
             source = (scored[column.scorer][order[j]] if column.scorer else on_item[j] if column.itemfs
                       else record)
             signals[column.name] = column_value(column.signal, source)
         rows.append({"item": item["id"], "fs": item["group"], "query": item["query"], "command": record["command"],
                      "output": record["output"], "greedy": is_greedy[order[j]], "usable": record["usable"],
                      "signals": signals} | truths | {"verdict": record["verdict"]})
-    cost = {c.name: round(sum(timers[t] for t in c.timers) / len(rows), 5)
-            for c in columns(audited_signals(plugins))}
+    cost = {c.name: round(sum(timers[t] for t in c.timers) / len(rows), 5) for c in audited}
     cost = {"generate": round(timers["generate"] / len(rows), 5)} | cost
     return [r | {"cost": cost} for r in rows]
 
@@ -354,6 +390,16 @@ def truth_again(audit_dir: Path, settings: dict, rows: list[dict]) -> list[dict]
     per_item = settings["candidates"] + 1
     wanted = {r["item"] for r in rows}
     setups = None
+    if settings.get("eval") == "tools":  # the tools' verdict again, every candidate in one pass
+        started = time.perf_counter()
+        try:
+            with ToolChecker(load_domain(settings["tasks_file"], settings["domain"])["tools"]) as checker:
+                updated = [r | t for r, t in zip(rows, tools_truth(checker.check([r["command"] for r in rows])))]
+        except SandboxUnavailable as err:
+            raise UsageError(f"--truth-again: {err}") from None
+        write_jsonl(audit_dir / "audit_candidates.jsonl", updated)
+        print(f"put {len(updated)} candidates to the tools again in {time.perf_counter() - started:.1f}s", flush=True)
+        return updated
     if settings.get("eval", "nl2bash") == "domain":
         domain = load_domain(settings["tasks_file"], settings["domain"])
         items, setups = [i for i in held_out_items(domain) if i["id"] in wanted], {
@@ -406,22 +452,32 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
         print("shellcheck is not installed (apt-get install shellcheck): the ladder's "
               "shellcheck_clean level is reported unavailable", flush=True)
     audit_dir = Path(cfg.output) / (cfg.name or audit_name(cfg, args.adapter, args.plugins))
-    settings = audit_settings(cfg, args, shellcheck)
+    domain, on_tools = load_domain(cfg.tasks_file, cfg.domain), cfg.eval == "tools"
+    present = [tool for tool, there in installed(domain["tools"]).items() if there] if on_tools else []
+    settings = audit_settings(cfg, args, shellcheck) | ({"tools": present} if on_tools else {})
     settings_path = audit_dir / "audit_settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         raise UsageError(f"{audit_dir} holds an audit with other settings ({settings_path}); "
                          f"choose another --name or --output")
-    items, setups = audited_items(cfg)
+    if on_tools and len(present) < len(domain["tools"]):
+        missing = [tool for tool in domain["tools"] if tool not in present]
+        if not present:
+            raise UsageError(f"audit --eval tools: none of the {isi.domain_label(cfg)} domain's tools is installed "
+                             f"here ({', '.join(missing)}; make install installs the Debian ones)")
+        print(f"note: not installed here, so their tasks are left out: {', '.join(missing)}", flush=True)
+    items, setups = audited_items(cfg, present)
     per_item = cfg.candidates + 1
     path = audit_dir / "audit_candidates.jsonl"
     rows = audited_so_far(path, items, per_item)
     started = time.perf_counter()
     try:
-        sandbox = team.together(lambda: Sandbox(
-            {"domain": (environment_script(load_domain(cfg.tasks_file, cfg.domain)), None)},
-            workers=isi.sandbox_workers(cfg, team)), SandboxUnavailable)
+        sandbox = team.together(lambda: ToolChecker(domain["tools"], workers=isi.sandbox_workers(cfg, team))
+                                if on_tools else Sandbox({"domain": (environment_script(domain), None)},
+                                                         workers=isi.sandbox_workers(cfg, team)),
+                                SandboxUnavailable)
     except SandboxUnavailable as err:
-        raise UsageError(f"audit executes every candidate in the sandbox: {err}") from None
+        what = "puts every candidate to the domain's tools" if on_tools else "executes every candidate"
+        raise UsageError(f"audit {what} in the sandbox: {err}") from None
     with sandbox:
         lock = team.together(lambda: hold_run_directory(audit_dir) if team.main else None)
         try:
@@ -436,8 +492,9 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
             for first in range(done, len(items), args.chunk_items):
                 chunk_started = time.perf_counter()
                 chunk = items[first:first + args.chunk_items]
-                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items, args.plugins,
-                                    setups)
+                rows += audit_chunk(lm, embedder, cfg, None if on_tools else sandbox, chunk,
+                                    first // args.chunk_items, args.plugins, setups,
+                                    checker=sandbox if on_tools else None)
                 if team.main:
                     write_jsonl(path, rows)
                 print(f"audit: items {first + 1}-{first + len(chunk)} of {len(items)}, "

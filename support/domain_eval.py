@@ -12,7 +12,10 @@ The held-out set (held_out_items) is about 150 of the domain's tasks, the same f
 seed, that the loop never draws (held_out_texts): `--eval domain` decodes a command for each
 greedily and scores it against its gold as the NL2Bash evaluation does.
 
-The rest may call: instantiations, check_golds, held_out_items, held_out_texts.
+`audit --eval tools` audits the signals on a domain without golds (pentest) against its real
+tools' verdict, on tool_items.
+
+The rest may call: instantiations, check_golds, held_out_items, held_out_texts, tool_items.
 """
 import itertools
 
@@ -46,6 +49,17 @@ def check_golds(domain: dict, sandbox, verdict, reward) -> list[dict]:
     return failures
 
 
+def counts_in_turn(rooms: list[int], n: int) -> list[int]:
+    """How many of each template's tasks to draw: one more from each in turn, where it has room,
+    until n are drawn or none has room."""
+    counts = [0] * len(rooms)
+    while sum(counts) < n and any(c < r for c, r in zip(counts, rooms)):
+        for k in range(len(rooms)):
+            if counts[k] < rooms[k] and sum(counts) < n:
+                counts[k] += 1
+    return counts
+
+
 def held_out_items(domain: dict, n: int = 150) -> list[dict]:
     """The domain's held-out evaluation set: n tasks (fewer where the domain is small), every
     template with a gold represented (one from each in turn, never more than half of a
@@ -58,12 +72,7 @@ def held_out_items(domain: dict, n: int = 150) -> list[dict]:
     rng = random.Random(f"{domain.get('name', '')}:held-out")
     templates = [t for t in domain["templates"] if "gold" in t and not t.get("plain")]
     options = [instantiations(t, domain.get("slots", {})) for t in templates]
-    room = [len(o) // 2 for o in options]  # half at most: the loop draws from the other half
-    counts = [0] * len(templates)
-    while sum(counts) < n and any(c < r for c, r in zip(counts, room)):  # one more each, in turn, where there is room
-        for k in range(len(templates)):
-            if counts[k] < room[k] and sum(counts) < n:
-                counts[k] += 1
+    counts = counts_in_turn([len(o) // 2 for o in options], n)  # half at most: the loop draws from the other half
     items = []
     for template, choices, count in zip(templates, options, counts):
         for values in rng.sample(choices, count):
@@ -71,6 +80,23 @@ def held_out_items(domain: dict, n: int = 150) -> list[dict]:
             items.append({"id": f"held-{len(items):03d}", "group": "domain", "query": fill(template["task"], values),
                           "tool": template.get("tool"), "gold": gold, "gold2": gold,
                           "difficulty": template.get("tool") or "-"})
+    return items
+
+
+def tool_items(domain: dict, tools, n: int = 150) -> list[dict]:
+    """The tools audit's items: n of the domain's tasks whose template names one of `tools` (those
+    installed here), every such template in turn, drawn with a seed of the domain's name alone
+    (the same for every --seed). No gold: the truth is the tool's own verdict. Items as
+    held_out_items's, "group" "tools" and "gold" None."""
+    import random
+    rng = random.Random(f"{domain.get('name', '')}:tools-audit")
+    templates = [t for t in domain["templates"] if t.get("tool") in tools]
+    options = [instantiations(t, domain.get("slots", {})) for t in templates]
+    items = []
+    for template, choices, count in zip(templates, options, counts_in_turn([len(o) for o in options], n)):
+        for values in rng.sample(choices, count):
+            items.append({"id": f"tools-{len(items):03d}", "group": "tools", "query": fill(template["task"], values),
+                          "tool": template["tool"], "gold": None, "gold2": None, "difficulty": template["tool"]})
     return items
 
 

@@ -16,6 +16,7 @@ VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import support.model
+import support.tools
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_cycle  # noqa: E402
@@ -44,6 +45,15 @@ def mistral_model_dir(tmp_path_factory) -> Path:
     MistralForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def needs_tool(tool: str) -> None:
+    """Skip a test whose tool is not installed, saying why; under CI, which installs it, fail."""
+    if support.tools.installed([tool])[tool]:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{tool} must be installed under CI (.ci/run installs it)")
+    pytest.skip(f"{tool} is not installed here (make install installs it)")
 
 
 def tiny_args(model_dir, output, *extra) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import one_line_error, refuse_model_loading, sandbox_unavailable
+from conftest import ROOT, needs_tool, one_line_error, refuse_model_loading, sandbox_unavailable
 
 import intrinsic_self_improvement as isi
 from support import audit_program
@@ -364,6 +364,55 @@ def test_an_audit_of_the_domains_held_out_tasks(tiny_model_dir, tmp_path, known_
     refuse_model_loading(monkeypatch)
     assert isi.main(["audit", "--output", str(tmp_path), "--domain", "pentest", "--eval", "domain"]) == 2
     assert "pentest domain has none" in one_line_error(capsys)
+
+
+TOOL_COMMANDS = {"nmap -sT -p 22 10.0.0.1": "accepted", "nmap --no-such-option 10.0.0.1": "rejected",
+                 "ls -la": "not run", "nmap -p 22 10.0.0.1 | grep open": "not run"}
+
+
+def test_an_audit_against_the_real_tools(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """audit --eval tools on the pentest domain (no golds): the items are its tasks of the tools
+    installed here, the truth whether the real tool accepts the command line, the columns the
+    signals that need no file system; --from and --truth-again give the same."""
+    needs_tool("nmap")
+    monkeypatch.setattr(isi, "extract_command", lambda output: list(TOOL_COMMANDS)[len(output) % len(TOOL_COMMANDS)])
+    try:
+        assert isi.main(audit_args(tiny_model_dir, tmp_path, "--domain", "pentest", "--eval", "tools")) == 0
+    except sb.SandboxUnavailable as error:
+        sandbox_unavailable(error)
+    printed = capsys.readouterr().out
+    audit_dir = tmp_path / "a"
+    rows = candidates(audit_dir)
+    settings = json.loads((audit_dir / "audit_settings.json").read_text())
+    assert settings["eval"] == "tools" and "nmap" in settings["tools"]
+    assert len(rows) == 6 * 4 and {r["fs"] for r in rows} == {"tools"}
+    assert all(r["query"] and isi.Task(r["query"]) for r in rows)
+    no_file_system = {"inversion_embed", "inversion_lexical", "inversion_mix", "certainty", "coder", "reviewer",
+                      "coder_reviewer"}
+    for r in rows:
+        assert set(r["signals"]) == no_file_system
+        assert r["tool_verdict"] == TOOL_COMMANDS[r["command"]], r
+        assert r["success"] == (r["tool_verdict"] == "accepted") == r["beats_nothing"] == (r["reward"] == 1.0)
+        assert r["nothing_reward"] == 0.0 and not r["trivial_item"]
+    assert any(r["success"] for r in rows) and not all(r["success"] for r in rows)
+    result = json.loads((audit_dir / "audit.json").read_text())
+    assert result["truth"] == "tools" and set(result["signals"]) == no_file_system
+    accepted = sum(r["success"] for r in rows if not r["greedy"])
+    assert result["positives"]["success_nontrivial"] == accepted and result["nontrivial_items"] == 6
+    assert "truth: the domain's real tools accept the command line" in printed
+    first = figures_of(audit_dir)
+    assert isi.main(["audit", "--from", str(audit_dir), "--bootstrap", "50"]) == 0
+    assert figures_of(audit_dir) == first
+    before = [(r["success"], r["tool_verdict"]) for r in rows]
+    assert isi.main(["audit", "--from", str(audit_dir), "--truth-again", "--bootstrap", "50"]) == 0
+    assert [(r["success"], r["tool_verdict"]) for r in candidates(audit_dir)] == before
+    capsys.readouterr()
+    refuse_model_loading(monkeypatch)
+    assert isi.main(["audit", "--output", str(tmp_path / "b"), "--eval", "tools"]) == 2
+    assert "bash domain names none" in one_line_error(capsys)
+    assert isi.main(["audit", "--output", str(tmp_path / "b"), "--domain", "pentest", "--eval", "tools",
+                     "--signal", str(ROOT / "examples" / "short_and_passing.py") + ":short_and_passing"]) == 2
+    assert "needs execution, and audit --eval tools runs no command" in one_line_error(capsys)
 
 
 @pytest.mark.slow

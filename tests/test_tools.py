@@ -3,11 +3,10 @@ read, and, in the sandbox, each installed tool on commands written for it: one i
 with an unknown flag, one missing an argument, one with a shell operator. The sandbox's network
 is looked at, never used: its interfaces are read, nothing is sent."""
 import json
-import os
 
 import pytest
 
-from conftest import one_line_error, read_progress, sandbox_unavailable, tiny_args
+from conftest import needs_tool, one_line_error, read_progress, sandbox_unavailable, tiny_args
 import intrinsic_self_improvement as isi
 import support.reports
 from support import sandbox as sb
@@ -66,15 +65,6 @@ def test_which_commands_reach_a_tool(command, expected):
 ])
 def test_a_tools_own_messages(tool, output, verdict):
     assert tools.classify(tool, output) == verdict
-
-
-def needs_tool(tool: str) -> None:
-    """Skip a test whose tool is not installed, saying why; under CI, which installs it, fail."""
-    if tools.installed([tool])[tool]:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{tool} must be installed under CI (.ci/run installs it)")
-    pytest.skip(f"{tool} is not installed here (make install installs it)")
 
 
 @pytest.fixture(scope="module")
