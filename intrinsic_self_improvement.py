@@ -145,7 +145,9 @@ class Config:
         "threshold", "threshold: train on the candidates --signal keeps (published); all: on every "
         "candidate; random: on a random subset of the size the signal would keep; oracle: on the "
         "candidates whose execution matches their task's gold command (uses labels: the ceiling of any "
-        "selection; needs a domain with golds, as bash)", ["threshold", "all", "random", "oracle"])
+        "selection; needs a domain with golds, as bash); oracle-sized: on as many as the signal would keep, "
+        "those whose runs come closest to their gold's (uses labels: random's twin)",
+        ["threshold", "all", "random", "oracle", "oracle-sized"])
     data: str = setting(
         "cycle",
         "cycle: train on this cycle's selection (published); cumulative: on every selection "
@@ -901,8 +903,9 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
     """EXECUTE: every usable command runs in the domain's file system; each record gets its
     verdict ("passed" or why not), a short record of the run, whether it is in its task's
     agreement group (records come in runs of `copies` per task), and its execution ladder. With
-    `golds` (one per task, labels: for the oracle arm only), also gold_match: whether the run did
-    what the task's gold command does (the evaluation's reward of 1)."""
+    `golds` (one per task, labels: for the oracle arms only), also gold_reward, the evaluation's
+    reward of the run against the gold command's, and gold_match: whether it is 1 (the run did
+    what the gold does)."""
     runs, seconds = run_commands(sandbox, records, team)
     agreed = set()
     for first in range(0, len(records), copies):
@@ -920,8 +923,8 @@ def execute_commands(sandbox, records: list[dict], copies: int, team: Team = Tea
     if golds is not None:
         gold_runs = team.spread(lambda share: sandbox.run_all(["domain"] * len(share), share), golds)
         for i, run in enumerate(runs):
-            executed[i]["gold_match"] = run is not None and nl2bash.is_success(
-                nl2bash.intercode_reward(gold_runs[i // copies], run))
+            reward = 0.0 if run is None else nl2bash.intercode_reward(gold_runs[i // copies], run)
+            executed[i] |= {"gold_reward": round(reward, 4), "gold_match": nl2bash.is_success(reward)}
     return Stage(executed, {"execute_s": round(seconds, 3), "executed": sum(r is not None for r in runs)})
 
 
@@ -936,8 +939,8 @@ def open_sandbox(cfg: Config, domain: dict, team: Team = Team()):
     environment, or where bubblewrap cannot run and the signal does not need it (then execution
     results are left out, said in one line)."""
     script = environment_script(domain)
-    asking = "--select oracle" if cfg.select == "oracle" else f"--signal {cfg.signal}"
-    needs = cfg.select == "oracle" or "execution" in signal_needs(*resolve_signal(cfg.signal))
+    asking = f"--select {cfg.select}" if uses_golds(cfg) else f"--signal {cfg.signal}"
+    needs = uses_golds(cfg) or "execution" in signal_needs(*resolve_signal(cfg.signal))
     if script is None:
         if needs:
             raise UsageError(
@@ -1116,7 +1119,8 @@ LOOP_SIGNALS = [s.name for s in SIGNALS.values() if s.loop] + list(COMBINATIONS)
 RECORD_FIELDS = frozenset({
     "task", "tool", "output", "command", "usable", "reconstruction", "score", "accepted", "rating", "verdict",
     "passed", "agreed", "agreement", "execution", "ladder", "ladder_levels", "coder", "reviewer", "likelihood",
-    "coder_reviewer", "certainty", "stage", "selected", "frozen_reconstruction", "frozen_score", "id", "difficulty"})
+    "coder_reviewer", "certainty", "stage", "selected", "frozen_reconstruction", "frozen_score", "id", "difficulty",
+    "gold_match", "gold_reward"})
 
 
 def load_plugin(spec: str, flag: str = "--signal") -> Signal:
@@ -1226,7 +1230,9 @@ def select_for_training(records: list[dict], mode: str, signal: tuple, rng: rand
     """SELECT. threshold: the candidates the signal keeps (kept_by_signal). all: every candidate
     with a command (no selection). random: a random subset of those, of exactly the size the
     signal would keep. oracle: the candidates whose run matched their task's gold command's
-    (gold_match, a label: this arm is the ceiling, not a label-free signal)."""
+    (gold_match, a label: this arm is the ceiling, not a label-free signal). oracle-sized: as many
+    as the signal would keep, those of the highest gold_reward (a tie broken at random): random's
+    twin that uses labels, the ceiling at the signal's count."""
     if mode == "oracle":
         return [i for i, r in enumerate(records) if r.get("gold_match")]
     kept = kept_by_signal(records, *signal, copies, threshold, floor)
@@ -1235,6 +1241,9 @@ def select_for_training(records: list[dict], mode: str, signal: tuple, rng: rand
     candidates = [i for i, r in enumerate(records) if r["command"]]
     if mode == "all":
         return candidates
+    if mode == "oracle-sized":
+        ties = {i: rng.random() for i in candidates}
+        return sorted(sorted(candidates, key=lambda i: (-records[i]["gold_reward"], ties[i]))[:len(kept)])
     return sorted(rng.sample(candidates, min(len(kept), len(candidates))))
 
 
@@ -1452,11 +1461,16 @@ def benchmarks(cfg: Config, domain: dict) -> list[tuple[Benchmark, list[dict]]]:
     return chosen
 
 
+def uses_golds(cfg: Config) -> bool:
+    """Whether SELECT reads the gold commands (the oracle arms, named as using labels)."""
+    return cfg.select in ("oracle", "oracle-sized")
+
+
 def check_golds_there(cfg: Config, domain: dict) -> None:
     """--eval domain and --select oracle need every template's gold command, and a file system
     to run them in: one error line where the domain lacks them."""
     asking = [flag for flag, asked in (("--eval domain", "domain" in cfg.eval),
-                                       ("--select oracle", cfg.select == "oracle")) if asked]
+                                       (f"--select {cfg.select}", uses_golds(cfg))) if asked]
     if asking and not has_golds(domain):
         raise UsageError(f"{' and '.join(asking)} compare commands with their tasks' gold commands, and the "
                          f"{domain_label(cfg)} domain has none for some of its templates (bash has them; a "
@@ -1495,7 +1509,7 @@ def fresh_batch(lm: LanguageModel, embedder, sandbox, cfg: Config, domain: dict,
         stage = Stage(tooled.records, stage.timing | tooled.timing)
     sampled = len(tasks) * cfg.candidates  # the batch's records come first, the probe's after
     records, probe_records = stage.records[:sampled], stage.records[sampled:]
-    golds = [gold_command(domain, t.text) for t in tasks] if cfg.select == "oracle" else None
+    golds = [gold_command(domain, t.text) for t in tasks] if uses_golds(cfg) else None
     executed = (execute_commands(sandbox, records, cfg.candidates, lm.team, golds) if sandbox
                 else Stage(records, {}))
     floor = ladder_floor(shellcheck.shellcheck_available())
@@ -1694,9 +1708,11 @@ def run(cfg: Config, team: Team = Team()) -> dict:
     domain = load_domain(cfg.tasks_file, cfg.domain)
     check_golds_there(cfg, domain)
     check_tools_there(cfg, domain)
-    if cfg.select == "oracle" and team.main:
-        print("note: --select oracle trains on the candidates that match their task's gold command: it uses "
-              "labels (the ceiling of any selection), it is not a label-free signal", flush=True)
+    if uses_golds(cfg) and team.main:
+        print(f"note: --select {cfg.select} trains on the candidates " + (
+              "that match their task's gold command" if cfg.select == "oracle" else
+              "whose runs come closest to their task's gold command's") + ": it uses labels (a ceiling of "
+              "selection), it is not a label-free signal", flush=True)
     team.wait()  # every process has read the run directory before the main process tidies it
     if saved is not None and saved["last_completed_cycle"] >= cfg.cycles:
         print(f"{run_dir}: already completed {saved['last_completed_cycle']} cycles; nothing to do "

@@ -7,6 +7,7 @@ log_training, log_evaluation, record_cycle, log_cycle_end, log_done, score_corre
 eval_figures, figures_over, experiment_kind.
 """
 import io
+import re
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -350,7 +351,7 @@ def oracle_share_lines(successes: dict, base: dict) -> list[str]:
     """Where an oracle arm (--select oracle, which uses labels) is among the runs: each other kind's
     share of the oracle's lift in success over the untrained model, on the items all share."""
     from support.statistics import share_of_lift
-    oracles = [kind for kind in successes if "select=oracle" in kind]
+    oracles = [kind for kind in successes if re.search(r"select=oracle(?![-\w])", kind)]
     if len(oracles) != 1:
         return []
     oracle = successes[oracles[0]]

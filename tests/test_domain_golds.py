@@ -71,6 +71,21 @@ def test_the_oracle_keeps_exactly_the_candidates_that_match_their_gold():
     assert chosen == [0, 3]
 
 
+def test_the_sized_oracle_keeps_as_many_as_the_signal_the_closest_to_their_gold():
+    """oracle-sized: the signal keeps 3 (score >= 0.5); the oracle keeps the 3 candidates with a
+    command of the highest gold_reward, the tie at 0.4 broken by the generator (both ways seen)."""
+    rows = [("ls", 0.9, 0.0), ("ls -a", 0.8, 1.0), ("", 0.7, 0.0), ("find .", 0.1, 0.6), ("true", 0.2, 0.4),
+            ("ls x", 0.3, 0.4)]
+    records = [{"task": f"t{i // 3}", "command": c, "usable": bool(c), "score": score, "gold_reward": reward}
+               for i, (c, score, reward) in enumerate(rows)]
+    signal = isi.resolve_signal("inversion")
+    assert isi.select_for_training(records, "threshold", signal, None, copies=3, threshold=0.5, floor=0.0) == [0, 1, 2]
+    import random
+    seen = {tuple(isi.select_for_training(records, "oracle-sized", signal, random.Random(seed), copies=3,
+                                          threshold=0.5, floor=0.0)) for seed in range(20)}
+    assert seen == {(1, 3, 4), (1, 3, 5)}
+
+
 def test_execution_with_golds_marks_the_runs_that_match(sandbox):
     """gold_match: a run that does what its task's gold does (the same output, another spelling
     included) matches; another output, an error, doing nothing or no command does not."""
@@ -81,6 +96,8 @@ def test_execution_with_golds_marks_the_runs_that_match(sandbox):
                for i, c in enumerate(commands)]
     rows = isi.execute_commands(sandbox, records, copies=3, golds=golds).records
     assert [row["gold_match"] for row in rows] == [True, True, False, True, True, False]
+    assert [row["gold_match"] for row in rows] == [row["gold_reward"] == 1.0 for row in rows]
+    assert 0 <= rows[2]["gold_reward"] < 1 and rows[5]["gold_reward"] < 1
     unusable = [{"task": "t", "tool": None, "command": "", "usable": False}]
     assert isi.execute_commands(sandbox, unusable, copies=1, golds=["ls /testbed"]).records[0]["gold_match"] is False
 
@@ -89,6 +106,8 @@ def test_the_oracle_needs_a_domain_with_golds(tmp_path, capsys, monkeypatch):
     refuse_model_loading(monkeypatch)
     assert isi.main(["--output", str(tmp_path), "--select", "oracle"]) == 2  # pentest: no golds
     assert "--select oracle compare" in (line := one_line_error(capsys)) and "pentest domain has none" in line
+    assert isi.main(["--output", str(tmp_path), "--select", "oracle-sized"]) == 2
+    assert "--select oracle-sized compare" in one_line_error(capsys)
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -109,6 +109,9 @@ def test_compare_reports_each_arms_share_of_the_oracles_lift():
     flat = oracle_share_lines({oracle: {i: float(k < 10) for k, i in enumerate(items)}, arm: successes[arm]}, base)
     assert "none to share (the oracle's lift is +0.000" in flat[1]
     assert oracle_share_lines({arm: successes[arm]}, base) == []  # no oracle among the runs
+    sized = oracle.replace("select=oracle", "select=oracle-sized")  # an arm beside the oracle, not a second one
+    with_sized = oracle_share_lines(successes | {sized: successes[arm]}, base)
+    assert oracle in with_sized[0] and with_sized[2].startswith(f"  {sized}: 0.50 [")
 
 
 def test_the_testbed_experiments_shares():
