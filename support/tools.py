@@ -59,9 +59,9 @@ NMAP_NO_TARGET = re.compile(r"no targets were specified", re.I)
 
 def program_of(command: str, tools) -> tuple[str | None, str]:
     """The tool a command runs, and why not where it runs none: (tool, "") or (None, reason). A
-    leading `sudo` is dropped (the sandbox runs as root already)."""
+    leading `sudo` is dropped (strip_sudo: the sandbox runs as root already)."""
     try:
-        lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+        lexer = shlex.shlex(strip_sudo(command), posix=True, punctuation_chars=True)
         lexer.whitespace_split = True
         words = list(lexer)
     except ValueError:
@@ -70,8 +70,6 @@ def program_of(command: str, tools) -> tuple[str | None, str]:
         return None, "empty"
     if any(w in SHELL_OPERATORS for w in words) or "$(" in command or "`" in command:
         return None, "shell operators"
-    if words[0] == "sudo" and len(words) > 1:
-        words = words[1:]
     program = words[0].rsplit("/", 1)[-1]
     return (program, "") if program in tools else (None, "another program")
 
@@ -91,6 +89,7 @@ def installed(tools) -> dict[str, bool]:
 
 
 def strip_sudo(command: str) -> str:
+    """The command without a leading `sudo` (the one rule program_of and the sandbox's run share)."""
     return re.sub(r"^\s*sudo\s+", "", command)
 
 

@@ -30,6 +30,8 @@ COMMANDS = {
 @pytest.mark.parametrize("command, expected", [
     ("nmap -sV 10.0.0.1", ("nmap", "")),
     ("sudo nmap -sS 10.0.0.1", ("nmap", "")),
+    ("sudo", (None, "another program")),
+    ("\"sudo\" nmap 10.0.0.1", (None, "another program")),  # a quoted sudo is not dropped, so not run
     ("/usr/bin/nmap 10.0.0.1", ("nmap", "")),
     ("nmap 10.0.0.1 | grep open", (None, "shell operators")),
     ("nmap 10.0.0.1 > scan.txt", (None, "shell operators")),
