@@ -335,8 +335,7 @@ def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
         except ValueError:
             continue
         kind = " ".join(f"{name}={value}" for name, value in experiment_kind(json.loads(kind_key)).items())
-        successes[kind] = {i: sum(run[i][0] for run in seed_runs) / len(seed_runs)
-                           for i in set(base).intersection(*seed_runs)}
+        successes[kind] = f["per_item_success"]
         tests = ", ".join(f"{t['only_treated']}/{t['only_control']} p={t['p']:.2f}" for t in f["mcnemar"])
         lines.append(
             f"  {kind} ({f['seeds']} seeds, {f['items']} items): success {f['success']:.3f} "

@@ -43,13 +43,15 @@ def against_baseline(seed_runs: list[dict], baseline: dict, draws: int = 2000, s
     """An arm's final evaluation over seeds against a baseline model on the same items. Each run
     and the baseline: {item id: (success, reward)}. Items: those every run and the baseline hold.
     Per arm: success and reward (per item, the mean over seeds) with intervals; their paired
-    differences from the baseline; and McNemar's exact test per seed."""
+    differences from the baseline; McNemar's exact test per seed; and `per_item_success`, {item:
+    success, the mean over seeds} (what the oracle's share is computed from)."""
     items = sorted(set(baseline).intersection(*seed_runs))
     if not items:
         raise ValueError("no item is evaluated in every run and in the baseline")
     per_item = {k: np.array([[run[i][k] for i in items] for run in seed_runs], float).mean(0) for k in (0, 1)}
     base = {k: np.array([baseline[i][k] for i in items], float) for k in (0, 1)}
-    out = {"items": len(items), "seeds": len(seed_runs)}
+    out = {"items": len(items), "seeds": len(seed_runs),
+           "per_item_success": {i: float(v) for i, v in zip(items, per_item[0])}}
     for k, name in ((0, "success"), (1, "reward")):
         out[name], out[f"{name}_ci"] = bootstrap_mean(per_item[k], draws, seed)
         out[f"{name}_baseline"] = float(base[k].mean())

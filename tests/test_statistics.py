@@ -53,6 +53,7 @@ def test_an_arm_against_the_baseline():
     assert f["reward_change_ci"] == pytest.approx([0.15, 0.15])
     assert f["mcnemar"][0] | {"p": None} == {"only_treated": 2, "only_control": 1, "p": None}
     assert f["mcnemar"][1]["only_treated"] == 2 and f["mcnemar"][1]["only_control"] == 2
+    assert f["per_item_success"] == {f"i{k}": {1: 0.5, 2: 1.0, 3: 1.0}.get(k, 0.0) for k in range(10)}
 
 
 def test_the_loop_experiments_figures():
@@ -123,7 +124,13 @@ def test_the_testbed_experiments_shares():
         return {f"h{k}": (k in solved, k in solved, False) for k in range(10)}
     base = outcomes({0})
     arms = {"oracle": [outcomes({0, 1, 2, 3}), outcomes({0, 1})], "inversion": [outcomes({0, 1}), outcomes({0})]}
-    share = testbed_experiment.shares(arms, base)["inversion"]
+    share = testbed_experiment.shares(arms, base, "oracle")["inversion"]
     assert share["oracle_lift"] == pytest.approx(0.2) and share["arm_lift"] == pytest.approx(0.05)
     assert share["share"] == pytest.approx(0.25)
-    assert set(testbed_experiment.shares(arms, base)) == {"inversion"}
+    assert set(testbed_experiment.shares(arms, base, "oracle")) == {"inversion"}
+    # the sized oracle (items 0-2 in both seeds) is a ceiling of its own, and no arm of the other's
+    arms["oracle-sized"] = [outcomes({0, 1, 2}), outcomes({0, 1, 2})]
+    assert set(testbed_experiment.shares(arms, base, "oracle")) == {"inversion"}
+    sized = testbed_experiment.shares(arms, base, "oracle-sized")["inversion"]
+    assert sized["oracle_lift"] == pytest.approx(0.2) and sized["share"] == pytest.approx(0.25)
+    assert testbed_experiment.shares({"inversion": arms["inversion"]}, base, "oracle-sized") == {}
