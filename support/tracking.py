@@ -116,7 +116,9 @@ def hyperparameters(config: dict) -> dict:
 
 
 class Reporter:
-    """Writes nothing: `--report-to none`, and every process but a team's main one."""
+    """Writes nothing: `--report-to none`, and every process but a team's main one. `writes`: whether
+    a reporter writes anything (a cycle's figures are computed only for one that does)."""
+    writes = False
 
     def start(self, config: dict) -> None:
         pass
@@ -140,6 +142,7 @@ class Reporter:
 class TensorBoard(Reporter):
     """Event files in `directory`; `replace`: TensorBoard hides what earlier files of the directory
     hold (an audit written again replaces its figures)."""
+    writes = True
 
     def __init__(self, directory: Path, replace: bool = False):
         self.directory, self.replace, self.opened = directory, replace, None
@@ -182,6 +185,7 @@ class TensorBoard(Reporter):
 class WandB(Reporter):
     """Offline unless WANDB_MODE is set; the run's id is its directory's name, so a resume continues
     the same run."""
+    writes = True
 
     def __init__(self, directory: Path, resumed: bool):
         import wandb
@@ -227,7 +231,9 @@ def report_cycle(reporter: Reporter, history: dict, entry: dict, fresh: list[dic
     """A completed cycle (already in `history` and progress.json): its figures at step = the cycle,
     its training loss per optimizer step, a sample of its fresh batch; with cycle 1, the
     configuration and the untrained model's figures (step 0), so that a run stopped before its
-    first cycle ends has written nothing."""
+    first cycle ends has written nothing. Nothing is computed for a reporter that writes nothing."""
+    if not reporter.writes:
+        return
     cycle = entry["cycle"]
     if cycle == 1:
         reporter.start(history["config"])

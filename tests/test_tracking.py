@@ -59,6 +59,13 @@ def test_the_sample_table_takes_one_candidate_per_task_and_escapes_cells():
     assert lines[2:] == ["| t0 | a \\| b | r r | 0.500 |", "| t1 | a \\| b | r r | 0.500 |"]
 
 
+def test_a_reporter_that_writes_nothing_computes_nothing():
+    """--report-to none and a team's other processes: report_cycle returns before reading the
+    cycle (empty entries would raise were they read); the writing reporters say they write."""
+    assert tracking.report_cycle(tracking.Reporter(), {}, {}, [], 3) is None
+    assert tracking.TensorBoard.writes and tracking.WandB.writes and not tracking.Reporter.writes
+
+
 def test_a_run_writes_every_cycle_figure_once_and_a_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
     args = tiny_args(tiny_model_dir, tmp_path, "--name", "tb", "--report-to", "tensorboard")
     assert isi.main(args + ["--cycles", "2"]) == 0
