@@ -217,12 +217,14 @@ def plot_progress(history: dict, path: Path) -> None:
             ("mean command tokens", ("after", "health", "mean_command_tokens"), None)]),
     ]
     for ax, title, lines in panels:
-        drawn = False
+        drawn = []
         for label, keys, initial in lines:
             xs, ys = curve(history, *keys, initial=initial)
             if xs:
                 ax.plot(xs, ys, marker="o", label=label)
-                drawn = True
+                drawn += ys
+        if ax is axes[0][2] and drawn:  # shares (NLC2CMD down to -1): a flat 0 shown as 0 of a visible range
+            ax.set_ylim(min(-0.02, min(drawn) - 0.02), max(0.25, max(drawn) * 1.1))
         ax.set_title(title)
         ax.set_xlabel("cycle")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
