@@ -326,7 +326,7 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
         likelihood[i] = isi.likelihood_fields(c, r) | {"coder_reviewer": round(c + r, 5)}
     records = [r | fields for r, fields in zip(records, likelihood)]
     if checker is not None:  # the truth is the tools' verdict; no command runs in a file system
-        verdicts = isi.check_tools(checker, records, lm.team).records
+        verdicts = lm.team.spread(checker.check, [r["command"] for r in records])  # the tool_* fields alone
         truth = [([], tools_truth(verdicts[j:j + k + 1])) for j in range(0, len(records), k + 1)]
         records = [r | {"verdict": v["tool_verdict"]} for r, v in zip(records, verdicts)]
         on_item = records

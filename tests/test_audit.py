@@ -390,6 +390,9 @@ def test_an_audit_against_the_real_tools(tiny_model_dir, tmp_path, monkeypatch, 
     no_file_system = {"inversion_embed", "inversion_lexical", "inversion_mix", "certainty", "coder", "reviewer",
                       "coder_reviewer"}
     for r in rows:
+        assert set(r) == {"item", "fs", "query", "command", "output", "greedy", "usable", "signals", "success",
+                          "reward", "beats_reward", "nothing_reward", "beats_nothing", "trivial_item", "gold_broken",
+                          "tool_run", "tool_verdict", "tool_output", "tool_seconds", "verdict"}
         assert set(r["signals"]) == no_file_system
         assert r["tool_verdict"] == TOOL_COMMANDS[r["command"]], r
         assert r["success"] == (r["tool_verdict"] == "accepted") == r["beats_nothing"] == (r["reward"] == 1.0)
