@@ -274,7 +274,8 @@ def spread(values: list[float]) -> str:
 
 
 def fmt(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    """A table cell: 3 decimals, "-" for what a run did not measure."""
+    return f"{value:.3f}" if isinstance(value, float) else "-" if value is None else str(value)
 
 
 def eval_figures(run_dir: str, history: dict, cycle: int, groups: tuple[int, ...] | None) -> dict:
@@ -349,17 +350,25 @@ def baseline_lines(runs: dict, groups_of_runs: dict, baseline: str | None,
 
 
 def oracle_share_lines(successes: dict, base: dict) -> list[str]:
-    """Where an oracle arm (--select oracle, which uses labels) is among the runs: each other kind's
-    share of the oracle's lift in success over the untrained model, on the items all share."""
+    """Where an oracle arm (--select oracle or oracle-sized, which use labels) is among the runs:
+    each label-free kind's share of that oracle's lift in success over the untrained model, on the
+    items all share; for each oracle that is there once."""
+    lines = []
+    for select in ("oracle", "oracle-sized"):
+        oracles = [kind for kind in successes if re.search(rf"select={select}(?![-\w])", kind)]
+        if len(oracles) == 1:
+            lines += share_lines(successes, base, oracles[0])
+    return lines
+
+
+def share_lines(successes: dict, base: dict, ceiling: str) -> list[str]:
+    """Each label-free kind's share of the `ceiling` kind's lift."""
     from support.statistics import share_of_lift
-    oracles = [kind for kind in successes if re.search(r"select=oracle(?![-\w])", kind)]
-    if len(oracles) != 1:
-        return []
-    oracle = successes[oracles[0]]
-    lines = [f"share of the oracle's lift recovered (success; the oracle, {oracles[0]}, uses labels; "
+    oracle = successes[ceiling]
+    lines = [f"share of the oracle's lift recovered (success; the oracle, {ceiling}, uses labels; "
              "95% bootstrap interval over items):"]
     for kind, arm in successes.items():
-        if kind == oracles[0]:
+        if re.search(r"select=oracle", kind):
             continue
         items = sorted(set(arm) & set(oracle) & set(base))
         f = share_of_lift([arm[i] for i in items], [oracle[i] for i in items], [float(base[i][0]) for i in items])
@@ -454,10 +463,12 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
         for key, dirs in seeded.items():
             done = [d for d in dirs if runs[d]["cycles"]]
             last = [runs[d]["cycles"][-1] for d in done]
-            parts = [f"probe {spread([c['probe']['mean_score'] for c in last])}",
-                     f"frozen probe {spread([c['probe']['frozen_mean_score'] for c in last])}"]
-            if all("execution_pass_rate" in c["after"] for c in last):
-                parts.append(f"exec pass {spread([c['after']['execution_pass_rate'] for c in last])}")
+            # what every seed's last cycle has (no probe with --probe-tasks 0, no execution without a sandbox)
+            parts = [f"{label} {spread([c[stage][key] for c in last])}"
+                     for label, stage, key in (("probe", "probe", "mean_score"),
+                                               ("frozen probe", "probe", "frozen_mean_score"),
+                                               ("exec pass", "after", "execution_pass_rate"))
+                     if all((c.get(stage) or {}).get(key) is not None for c in last)]
             if all(finals[d] for d in done):
                 parts += [f"eval {name} {spread([finals[d][k] for d in done])}" for name, k in
                           (("success", "success_rate"), ("reward", "mean_reward"), ("NLC2CMD", "nlc2cmd"))]
@@ -498,7 +509,10 @@ def compare_runs(run_dirs: list[str], plot_path: Path, groups: tuple[int, ...] |
         ax.set_xlabel("cycle")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+        else:  # no run measured it (no probe with --probe-tasks 0)
+            ax.text(0.5, 0.5, "not measured in these runs", ha="center", va="center", transform=ax.transAxes)
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(plot_path, dpi=80)
     plt.close(fig)

@@ -152,6 +152,21 @@ def test_compare_runs(tiny_model_dir, tmp_path):
     assert isi.main(["compare", *runs, "--baseline", runs[0]]) == 2  # it holds no eval_cycle_0.jsonl
 
 
+
+def test_compare_runs_without_a_probe(tiny_model_dir, tmp_path):
+    """--probe-tasks 0 (the testbed's runs): the table shows '-' where a run measured nothing, the
+    seed line leaves the probe out, the plot says so; no error."""
+    for seed in ("0", "1"):
+        args = tiny_args(tiny_model_dir, tmp_path, "--cycles", "1", "--seed", seed)
+        args[args.index("--probe-tasks") + 1] = "0"
+        assert isi.main(args) == 0
+    runs = sorted(str(p) for p in tmp_path.iterdir() if p.is_dir())
+    text = support.reports.compare_runs(runs, tmp_path / "cmp.png")
+    assert "None" not in text and " | - -> - | " in text
+    seeds = next(line for line in text.splitlines() if "(2 seeds)" in line)
+    assert "probe" not in seeds.split("(2 seeds)")[1]
+
+
 @pytest.mark.parametrize("damage", ['{"history": ', "", '{"last_completed_cycle": 1}', '{"history": {"cycles": 3}}'])
 def test_compare_on_a_damaged_run_is_a_one_line_error(damage, tmp_path, capsys):
     run_dir = tmp_path / "damaged"

@@ -110,9 +110,12 @@ def test_compare_reports_each_arms_share_of_the_oracles_lift():
     flat = oracle_share_lines({oracle: {i: float(k < 10) for k, i in enumerate(items)}, arm: successes[arm]}, base)
     assert "none to share (the oracle's lift is +0.000" in flat[1]
     assert oracle_share_lines({arm: successes[arm]}, base) == []  # no oracle among the runs
-    sized = oracle.replace("select=oracle", "select=oracle-sized")  # an arm beside the oracle, not a second one
-    with_sized = oracle_share_lines(successes | {sized: successes[arm]}, base)
-    assert oracle in with_sized[0] and with_sized[2].startswith(f"  {sized}: 0.50 [")
+    # the oracle at the signal's count is a second ceiling, never an arm of the other's
+    sized = oracle.replace("select=oracle", "select=oracle-sized")
+    with_sized = oracle_share_lines(successes | {sized: {i: float(k < 20) for k, i in enumerate(items)}}, base)
+    assert oracle in with_sized[0] and with_sized[1].startswith(f"  {arm}: 0.50 [") and len(with_sized) == 4
+    assert sized in with_sized[2] and with_sized[3].startswith(f"  {arm}: 2.00 [")
+    assert "of the oracle's lift +0.100" in with_sized[3]
 
 
 def test_the_testbed_experiments_shares():
