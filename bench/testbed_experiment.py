@@ -43,8 +43,9 @@ CYCLES = 2
 SETTINGS = ["--domain", "bash", "--cycles", str(CYCLES), "--tasks", "150", "--candidates", "4",
             "--temperature", "0.3", "--probe-tasks", "0", "--eval", "nl2bash,domain", "--eval-every", "0",
             "--eval-fs", "3,4,5"]
-ARMS = {"oracle": ["--select", "oracle"], "oracle-sized": ["--select", "oracle-sized"], "inversion": [], "ladder": ["--signal", "ladder"],
-        "ladder+likelihood": ["--signal", "ladder+likelihood"], "random": ["--select", "random"]}
+ARMS = {"oracle": ["--select", "oracle"], "oracle-sized": ["--select", "oracle-sized"], "inversion": [],
+        "ladder": ["--signal", "ladder"], "ladder+likelihood": ["--signal", "ladder+likelihood"],
+        "random": ["--select", "random"]}
 
 
 def untrained(output: Path) -> dict[str, list[dict]]:

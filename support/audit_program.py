@@ -242,10 +242,13 @@ def tools_truth(verdicts: list[dict]) -> list[dict]:
     """The truth of --eval tools, per command as execution_truth's fields: success (and reward 1)
     where the domain's real tool accepted the command line; doing nothing runs no tool, so its
     reward is 0, no item is trivial, and beats_nothing is success. The tool's verdict kept."""
-    return [{"success": v["tool_verdict"] == "accepted", "reward": float(v["tool_verdict"] == "accepted"),
-             "beats_reward": float(v["tool_verdict"] == "accepted"), "nothing_reward": 0.0,
-             "beats_nothing": v["tool_verdict"] == "accepted", "trivial_item": False, "gold_broken": False} | v
-            for v in verdicts]
+    truths = []
+    for v in verdicts:
+        accepted = v["tool_verdict"] == "accepted"
+        truths.append({"success": accepted, "reward": float(accepted), "beats_reward": float(accepted),
+                       "nothing_reward": 0.0, "beats_nothing": accepted, "trivial_item": False,
+                       "gold_broken": False} | v)
+    return truths
 
 
 def execution_truth(cfg: isi.Config, team: Team, items: list[dict], commands: list[list[str]],
@@ -296,10 +299,12 @@ def executed(runs: list, checks: tuple, per_item: int) -> list[dict]:
 
 
 def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk: int,
-                plugins: list, setups: dict | None = None, checker=None) -> list[dict]:
+                plugins: list, setups: dict | None = None) -> list[dict]:
     """Every candidate of some items (K sampled and the greedy one, in that order per item) with
     every audited signal, and its execution truth against the gold command; with --eval tools
-    (`checker`, and no sandbox), the signals that need no file system and the tools' verdict."""
+    (`sandbox` is then the domain's ToolChecker), the signals that need no file system and the
+    tools' verdict."""
+    on_tools = cfg.eval == "tools"
     seed, label, k = isi.stage_seed(cfg.seed, "audit", chunk), f"audit {chunk}", cfg.candidates
     tasks, n, timers = [isi.Task(item["query"], item.get("tool")) for item in items], len(items), {}
     started = time.perf_counter()
@@ -325,8 +330,8 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
     for i, c, r in zip(scored_at, coder, reviewer):
         likelihood[i] = isi.likelihood_fields(c, r) | {"coder_reviewer": round(c + r, 5)}
     records = [r | fields for r, fields in zip(records, likelihood)]
-    if checker is not None:  # the truth is the tools' verdict; no command runs in a file system
-        verdicts = lm.team.spread(checker.check, [r["command"] for r in records])  # the tool_* fields alone
+    if on_tools:  # the truth is the tools' verdict; no command runs in a file system
+        verdicts = lm.team.spread(sandbox.check, [r["command"] for r in records])  # the tool_* fields alone
         truth = [([], tools_truth(verdicts[j:j + k + 1])) for j in range(0, len(records), k + 1)]
         records = [r | {"verdict": v["tool_verdict"]} for r, v in zip(records, verdicts)]
         on_item = records
@@ -346,7 +351,7 @@ def audit_chunk(lm, embedder, cfg: isi.Config, sandbox, items: list[dict], chunk
         started = time.perf_counter()
         records = isi.plugin_values(signal, records, f"in audit chunk {chunk}")
         timers[signal.name] = time.perf_counter() - started
-    rows, audited = [], columns(audited_signals(plugins, on_tools=checker is not None))
+    rows, audited = [], columns(audited_signals(plugins, on_tools=on_tools))
     for j, (record, truths) in enumerate(zip(records, (t for _, item_truths in truth for t in item_truths))):
         item = items[j // (k + 1)]
         signals = {}
@@ -492,9 +497,8 @@ def run_audit(cfg: isi.Config, args: argparse.Namespace, team: Team) -> dict:
             for first in range(done, len(items), args.chunk_items):
                 chunk_started = time.perf_counter()
                 chunk = items[first:first + args.chunk_items]
-                rows += audit_chunk(lm, embedder, cfg, None if on_tools else sandbox, chunk,
-                                    first // args.chunk_items, args.plugins, setups,
-                                    checker=sandbox if on_tools else None)
+                rows += audit_chunk(lm, embedder, cfg, sandbox, chunk, first // args.chunk_items, args.plugins,
+                                    setups)
                 if team.main:
                     write_jsonl(path, rows)
                 print(f"audit: items {first + 1}-{first + len(chunk)} of {len(items)}, "

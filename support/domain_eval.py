@@ -49,15 +49,21 @@ def check_golds(domain: dict, sandbox, verdict, reward) -> list[dict]:
     return failures
 
 
-def counts_in_turn(rooms: list[int], n: int) -> list[int]:
-    """How many of each template's tasks to draw: one more from each in turn, where it has room,
-    until n are drawn or none has room."""
-    counts = [0] * len(rooms)
+def drawn_in_turn(domain: dict, templates: list[dict], n: int, label: str, room) -> list[tuple[dict, dict]]:
+    """n of the templates' tasks as (template, slot values): one more from each template in turn,
+    at most room(its number of tasks) from each, until n are drawn or none has room; drawn with a
+    seed of the domain's name and `label` alone, so the same for every run and every --seed."""
+    import random
+    rng = random.Random(f"{domain.get('name', '')}:{label}")
+    options = [instantiations(t, domain.get("slots", {})) for t in templates]
+    rooms = [room(len(o)) for o in options]
+    counts = [0] * len(templates)
     while sum(counts) < n and any(c < r for c, r in zip(counts, rooms)):
-        for k in range(len(rooms)):
+        for k in range(len(templates)):
             if counts[k] < rooms[k] and sum(counts) < n:
                 counts[k] += 1
-    return counts
+    return [(template, values) for template, choices, count in zip(templates, options, counts)
+            for values in rng.sample(choices, count)]
 
 
 def held_out_items(domain: dict, n: int = 150) -> list[dict]:
@@ -68,18 +74,13 @@ def held_out_items(domain: dict, n: int = 150) -> list[dict]:
     never draws these tasks (held_out_texts). Items as the NL2Bash evaluation's: {"id", "group"
     ("domain"), "query", "tool" (the template's, as the loop's prompts name it), "gold", "gold2"
     (the gold again), "difficulty" (the tool again: summarize's groups)}."""
-    import random
-    rng = random.Random(f"{domain.get('name', '')}:held-out")
     templates = [t for t in domain["templates"] if "gold" in t and not t.get("plain")]
-    options = [instantiations(t, domain.get("slots", {})) for t in templates]
-    counts = counts_in_turn([len(o) // 2 for o in options], n)  # half at most: the loop draws from the other half
     items = []
-    for template, choices, count in zip(templates, options, counts):
-        for values in rng.sample(choices, count):
-            gold = fill(template["gold"], values)
-            items.append({"id": f"held-{len(items):03d}", "group": "domain", "query": fill(template["task"], values),
-                          "tool": template.get("tool"), "gold": gold, "gold2": gold,
-                          "difficulty": template.get("tool") or "-"})
+    for k, (template, values) in enumerate(drawn_in_turn(domain, templates, n, "held-out", lambda m: m // 2)):
+        gold = fill(template["gold"], values)
+        items.append({"id": f"held-{k:03d}", "group": "domain", "query": fill(template["task"], values),
+                      "tool": template.get("tool"), "gold": gold, "gold2": gold,
+                      "difficulty": template.get("tool") or "-"})
     return items
 
 
@@ -88,16 +89,10 @@ def tool_items(domain: dict, tools, n: int = 150) -> list[dict]:
     installed here), every such template in turn, drawn with a seed of the domain's name alone
     (the same for every --seed). No gold: the truth is the tool's own verdict. Items as
     held_out_items's, "group" "tools" and "gold" None."""
-    import random
-    rng = random.Random(f"{domain.get('name', '')}:tools-audit")
     templates = [t for t in domain["templates"] if t.get("tool") in tools]
-    options = [instantiations(t, domain.get("slots", {})) for t in templates]
-    items = []
-    for template, choices, count in zip(templates, options, counts_in_turn([len(o) for o in options], n)):
-        for values in rng.sample(choices, count):
-            items.append({"id": f"tools-{len(items):03d}", "group": "tools", "query": fill(template["task"], values),
-                          "tool": template["tool"], "gold": None, "gold2": None, "difficulty": template["tool"]})
-    return items
+    return [{"id": f"tools-{k:03d}", "group": "tools", "query": fill(template["task"], values),
+             "tool": template["tool"], "gold": None, "gold2": None, "difficulty": template["tool"]}
+            for k, (template, values) in enumerate(drawn_in_turn(domain, templates, n, "tools-audit", lambda m: m))]
 
 
 def held_out_texts(domain: dict) -> frozenset:
